@@ -1,0 +1,50 @@
+"""gbn_jax: Generalized Batch Normalization for JAX and Flax.
+
+y = gamma * (x - S(x)) / sqrt(D(x)^2 + eps) + beta, with S a statistic and D a
+generalized deviation measure (Yuan, Feng, Norton, Li; AAAI 2019).
+
+The math (``catalogue``, ``order_statistics``, ``functional``, ``sample``)
+imports jax only; ``GeneralizedBatchNorm`` (linen) wraps it for Flax.
+"""
+
+from gbn_jax.catalogue import (
+    DEVIATIONS,
+    NATURAL_STATISTIC,
+    STATISTICS,
+    gaussian_consistency_factor,
+)
+from gbn_jax.functional import (
+    Measures,
+    batch_statistics,
+    make_measures,
+    normalize,
+)
+from gbn_jax.order_statistics import kth_smallest, quantile_rank
+from gbn_jax.sample import Sample
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # The Flax wrapper is imported lazily so the functional core needs no flax.
+  if name == "GeneralizedBatchNorm":
+    from gbn_jax.linen import GeneralizedBatchNorm
+
+    return GeneralizedBatchNorm
+  raise AttributeError(f"module 'gbn_jax' has no attribute {name!r}")
+
+
+__all__ = [
+    "DEVIATIONS",
+    "GeneralizedBatchNorm",
+    "Measures",
+    "NATURAL_STATISTIC",
+    "STATISTICS",
+    "Sample",
+    "batch_statistics",
+    "gaussian_consistency_factor",
+    "kth_smallest",
+    "make_measures",
+    "normalize",
+    "quantile_rank",
+]

@@ -1,0 +1,259 @@
+"""The catalogue: statistics S and generalized deviation measures D (SPEC §2).
+
+Each entry is a small pure function of a :class:`~gbn_jax.sample.Sample`
+returning one value per channel; keyword-only arguments are the measure's
+parameters. Notation: n valid values x_1..x_n of a channel,
+x_(1) <= ... <= x_(n), μ the mean, [t]_+ = max(t, 0), q_α = x_(k) with
+k = ceil(α n) clipped to [1, n].
+
+Every deviation D comes with its natural statistic, the argmin of the error
+measure E it is built from (D(X) = min_c E(X - c), S(X) = argmin_c E(X - c));
+:data:`NATURAL_STATISTIC` names it. Any statistic may be combined with any
+deviation.
+
+Gradients at degenerate points (a constant channel, where a root of zero has
+an infinite derivative) are taken as 0 through a "double where", so a constant
+channel never produces a NaN gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics as _pystats
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from gbn_jax import order_statistics
+from gbn_jax.sample import Sample
+
+Array = jax.Array
+
+
+def _safe_root(m: Array, power: float) -> Array:
+  """m ** power for m >= 0, with gradient 0 (not inf/NaN) at m = 0."""
+  positive = m > 0
+  safe = jnp.where(positive, m, jnp.ones_like(m))
+  return jnp.where(positive, safe**power, jnp.zeros_like(m))
+
+
+# --------------------------------------------------------------------------
+# Statistics (centering).
+# --------------------------------------------------------------------------
+
+
+def mean(sample: Sample) -> Array:
+  """μ = (1/n) Σ x_i."""
+  return sample.mean()
+
+
+def quantile(sample: Sample, *, alpha: float) -> Array:
+  """q_α = x_(k), k = ceil(α n) clipped to [1, n] (numpy "inverted_cdf")."""
+  return order_statistics.quantile(sample, alpha)
+
+
+def median(sample: Sample) -> Array:
+  """q_0.5, the lower median: x_(k) with k = ceil(n / 2)."""
+  return order_statistics.quantile(sample, 0.5)
+
+
+def midrange(sample: Sample) -> Array:
+  """(max_i x_i + min_i x_i) / 2."""
+  return (sample.max() + sample.min()) / 2
+
+
+def mixed_quantile(
+    sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
+) -> Array:
+  """Σ_j λ_j q_{α_j}: natural statistic of the mixed superquantile deviation."""
+  return sum(
+      w * order_statistics.quantile(sample, a) for a, w in zip(levels, weights)
+  )
+
+
+# --------------------------------------------------------------------------
+# Deviations (scale).
+# --------------------------------------------------------------------------
+
+
+def std(sample: Sample, *, fast_variance: bool = False) -> Array:
+  """σ = sqrt((1/n) Σ (x_i - μ)^2).
+
+  With ``fast_variance`` the variance is max(0, (1/n) Σ x_i^2 - μ^2), one
+  fused pass, as ``flax.linen.BatchNorm(use_fast_variance=True)`` computes it.
+  """
+  return _safe_root(variance(sample, fast_variance=fast_variance), 0.5)
+
+
+def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
+  """σ^2, the square of :func:`std` (what batch norm keeps as ``var``)."""
+
+  def compute():
+    mu = sample.mean()
+    if fast_variance:
+      return jnp.maximum(0.0, sample.average(jnp.square(sample.x)) - mu**2)
+    return sample.average(jnp.square(sample.x - sample.expand(mu)))
+
+  return sample.memo(("variance", fast_variance), compute)
+
+
+def mean_abs(sample: Sample) -> Array:
+  """(1/n) Σ |x_i - μ| (the L1 batch norm of Hoffer et al.)."""
+  return sample.average(jnp.abs(sample.x - sample.expand(sample.mean())))
+
+
+def lp(sample: Sample, *, p: float) -> Array:
+  """((1/n) Σ |x_i - μ|^p)^(1/p), p >= 1."""
+  d = jnp.abs(sample.x - sample.expand(sample.mean()))
+  return _safe_root(sample.average(d**p), 1.0 / p)
+
+
+def upper_semi(sample: Sample) -> Array:
+  """sqrt((1/n) Σ [x_i - μ]_+^2), the upper semideviation."""
+  d = jnp.maximum(sample.x - sample.expand(sample.mean()), 0.0)
+  return _safe_root(sample.average(jnp.square(d)), 0.5)
+
+
+def lower_semi(sample: Sample) -> Array:
+  """sqrt((1/n) Σ [μ - x_i]_+^2), the lower semideviation."""
+  d = jnp.maximum(sample.expand(sample.mean()) - sample.x, 0.0)
+  return _safe_root(sample.average(jnp.square(d)), 0.5)
+
+
+def median_abs(sample: Sample) -> Array:
+  """(1/n) Σ |x_i - q_0.5|, the mean absolute deviation from the median."""
+  q = order_statistics.quantile(sample, 0.5)
+  return sample.average(jnp.abs(sample.x - sample.expand(q)))
+
+
+def superquantile_value(sample: Sample, alpha: float) -> Array:
+  """q̄_α = q_α + (1/((1-α) n)) Σ [x_i - q_α]_+, the exact empirical CVaR.
+
+  Equal to the L-estimator (1/((1-α) n)) [(k - α n) x_(k) + Σ_{i>k} x_(i)]
+  for every α; its gradient is 1/((1-α) n) above q_α and
+  (k - α n)/((1-α) n) at q_α (SPEC §3) -- the gradient of q_α itself flows
+  through the first term, so it must not be treated as a constant here.
+  """
+
+  def compute():
+    q = order_statistics.quantile(sample, alpha)
+    excess = jnp.maximum(sample.x - sample.expand(q), 0.0)
+    tail = sample.sum(excess) / ((1.0 - jnp.float32(alpha)) * sample.safe_count())
+    return q + tail
+
+  return sample.memo(("superquantile", float(alpha)), compute)
+
+
+def superquantile(sample: Sample, *, alpha: float) -> Array:
+  """q̄_α - μ, the superquantile (CVaR) deviation; natural statistic q_α.
+
+  q̄_α = q_α + (1/((1-α) n)) Σ [x_i - q_α]_+ (see :func:`superquantile_value`).
+  """
+  return superquantile_value(sample, alpha) - sample.mean()
+
+
+def half_range(sample: Sample) -> Array:
+  """(max_i x_i - min_i x_i) / 2; natural statistic the midrange."""
+  return (sample.max() - sample.min()) / 2
+
+
+def mixed_superquantile(
+    sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
+) -> Array:
+  """Σ_j λ_j (q̄_{α_j} - μ), λ_j >= 0, Σ λ_j = 1; natural statistic Σ λ_j q_{α_j}."""
+  mu = sample.mean()
+  return sum(
+      w * (superquantile_value(sample, a) - mu) for a, w in zip(levels, weights)
+  )
+
+
+# --------------------------------------------------------------------------
+# Registries.
+# --------------------------------------------------------------------------
+
+STATISTICS = {
+    "mean": mean,
+    "median": median,
+    "quantile": quantile,
+    "midrange": midrange,
+    "mixed_quantile": mixed_quantile,
+}
+"""Statistic name -> pure function ``f(sample, **params) -> per-channel S``."""
+
+DEVIATIONS = {
+    "std": std,
+    "mean_abs": mean_abs,
+    "lp": lp,
+    "upper_semi": upper_semi,
+    "lower_semi": lower_semi,
+    "median_abs": median_abs,
+    "superquantile": superquantile,
+    "half_range": half_range,
+    "mixed_superquantile": mixed_superquantile,
+}
+"""Deviation name -> pure function ``f(sample, **params) -> per-channel D``."""
+
+SQUARED_DEVIATIONS = {"std": variance}
+"""Deviations whose square has a form of its own (used for D^2 directly)."""
+
+NATURAL_STATISTIC = {
+    "std": "mean",
+    "mean_abs": "mean",
+    "lp": "mean",
+    "upper_semi": "mean",
+    "lower_semi": "mean",
+    "median_abs": "median",
+    "superquantile": "quantile",
+    "half_range": "midrange",
+    "mixed_superquantile": "mixed_quantile",
+}
+"""Deviation name -> name of its natural statistic (the argmin of its error)."""
+
+
+# --------------------------------------------------------------------------
+# Gaussian-consistent scaling: the factor c with c * D = σ on normal data.
+# --------------------------------------------------------------------------
+
+_NORMAL = _pystats.NormalDist()
+
+
+def _superquantile_factor(alpha: float) -> float:
+  # On N(μ, σ^2): q̄_α - μ = σ φ(Φ^-1(α)) / (1 - α).
+  return _NORMAL.pdf(_NORMAL.inv_cdf(alpha)) / (1.0 - alpha)
+
+
+def gaussian_consistency_factor(
+    deviation: str,
+    *,
+    alpha: float | None = None,
+    p: float | None = None,
+    levels: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+) -> float:
+  """The constant c with c * D(X) = σ for X ~ N(μ, σ^2) (SPEC §2).
+
+  ``mean_abs``, ``median_abs``: sqrt(π/2); ``superquantile``:
+  (1-α)/φ(Φ^-1(α)); ``mixed_superquantile``: 1 / Σ_j λ_j φ(Φ^-1(α_j))/(1-α_j);
+  ``upper_semi``, ``lower_semi``: sqrt(2); ``lp``: (E|Z|^p)^(-1/p) with
+  E|Z|^p = 2^(p/2) Γ((p+1)/2) / sqrt(π); ``std``: 1. ``half_range`` has no such
+  constant (the range of normal data grows with n): ``ValueError``.
+  """
+  if deviation in ("mean_abs", "median_abs"):
+    return math.sqrt(math.pi / 2)
+  if deviation in ("upper_semi", "lower_semi"):
+    return math.sqrt(2.0)
+  if deviation == "std":
+    return 1.0
+  if deviation == "lp":
+    moment = 2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi)
+    return moment ** (-1.0 / p)
+  if deviation == "superquantile":
+    return 1.0 / _superquantile_factor(alpha)
+  if deviation == "mixed_superquantile":
+    return 1.0 / sum(w * _superquantile_factor(a) for a, w in zip(levels, weights))
+  valid = sorted(set(DEVIATIONS) - {"half_range"})
+  raise ValueError(
+      f"gaussian_consistent=True has no constant for deviation {deviation!r}"
+      f" (its value on normal data depends on n); it is defined for {valid}"
+  )

@@ -1,0 +1,299 @@
+"""The functional core: configuration checks, ``batch_statistics``, ``normalize``.
+
+Pure functions of arrays and static settings; importing jax only, so they can
+be called inside any ``jit``/``vmap``/``pmap``/``shard_map`` code. The Flax
+modules are thin wrappers over these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gbn_jax import catalogue
+from gbn_jax.sample import Sample, canonicalize_axes
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Measures:
+  """A checked choice of statistic and deviation with their parameters.
+
+  Build it with :func:`make_measures`; every setting has been validated, so
+  applying it cannot fail on configuration.
+  """
+
+  statistic: str
+  deviation: str
+  statistic_fn: Callable[..., Array]
+  deviation_fn: Callable[..., Array]
+  statistic_kwargs: dict
+  deviation_kwargs: dict
+  scale: float  # Gaussian-consistency factor (1.0 when off)
+
+  def __call__(self, sample: Sample) -> tuple[Array, Array]:
+    center = self.statistic_fn(sample, **self.statistic_kwargs)
+    dev = self.deviation_fn(sample, **self.deviation_kwargs)
+    if self.scale != 1.0:
+      dev = dev * self.scale
+    return center, dev
+
+  def center_and_dev_sq(self, sample: Sample) -> tuple[Array, Array]:
+    """(S, D^2): what the transform uses. D^2 is taken directly where the
+    catalogue has it (``std``: the variance, no square root in between)."""
+    squared = catalogue.SQUARED_DEVIATIONS.get(self.deviation)
+    if squared is None:
+      center, dev = self(sample)
+      return center, jnp.square(dev)
+    center = self.statistic_fn(sample, **self.statistic_kwargs)
+    dev_sq = squared(sample, **self.deviation_kwargs)
+    return center, dev_sq * self.scale**2 if self.scale != 1.0 else dev_sq
+
+
+def _names(registry) -> str:
+  return ", ".join(repr(k) for k in sorted(registry))
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_level(value, name: str = "alpha") -> float:
+  """A probability level in the open interval (0, 1), as a Python float."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} must be a concrete number in (0, 1), not a traced value;"
+        " pass it as a static argument"
+    )
+  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+    value = value.item()  # numpy / jax scalars
+  if not _is_real(value) or not (0.0 < float(value) < 1.0):
+    raise ValueError(
+        f"{name} must be a number in the open interval (0, 1); got {value!r}"
+    )
+  return float(value)
+
+
+def check_p(value) -> float:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError("p must be a concrete number >= 1, not a traced value")
+  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+    value = value.item()
+  if not _is_real(value) or not math.isfinite(value) or value < 1:
+    raise ValueError(f"p must be a finite number >= 1; got {value!r}")
+  return float(value)
+
+
+def check_mixture(levels, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Levels α_j in (0, 1) and weights λ_j >= 0 summing to 1 (None: equal)."""
+  if levels is None or isinstance(levels, (str, bytes)) or not isinstance(
+      levels, Sequence
+  ) or len(levels) == 0:
+    raise ValueError(
+        "the mixed superquantile needs levels=(α_1, ..., α_m), a non-empty"
+        f" sequence of numbers in (0, 1); got levels={levels!r}"
+    )
+  levels = tuple(check_level(a, f"levels[{i}]") for i, a in enumerate(levels))
+  if weights is None:
+    weights = (1.0 / len(levels),) * len(levels)
+  if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+    raise ValueError(
+        f"weights must be a sequence of {len(levels)} numbers >= 0 summing to"
+        f" 1; got weights={weights!r}"
+    )
+  if len(weights) != len(levels):
+    raise ValueError(
+        f"weights must have one entry per level: {len(levels)} levels"
+        f" {levels} but {len(weights)} weights {tuple(weights)}"
+    )
+  out = []
+  for i, w in enumerate(weights):
+    if hasattr(w, "shape") and getattr(w, "shape", None) == ():
+      w = w.item()
+    if not _is_real(w) or not math.isfinite(w) or w < 0:
+      raise ValueError(f"weights[{i}] must be a finite number >= 0; got {w!r}")
+    out.append(float(w))
+  if abs(sum(out) - 1.0) > 1e-6:
+    raise ValueError(
+        f"weights must sum to 1; got {tuple(out)} (sum {sum(out)!r})"
+    )
+  return levels, tuple(out)
+
+
+def _kwargs_for(fn: Callable, available: dict) -> dict:
+  params = inspect.signature(fn).parameters
+  return {k: v for k, v in available.items() if k in params}
+
+
+def make_measures(
+    statistic: str | None = None,
+    deviation: str = "superquantile",
+    *,
+    alpha: float | None = 0.5,
+    p: float = 2.0,
+    levels: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    gaussian_consistent: bool = False,
+    use_fast_variance: bool = True,
+) -> Measures:
+  """Validates a configuration and resolves names to catalogue functions.
+
+  Raises ``ValueError`` naming the bad value and the valid choices for an
+  unknown name, α outside (0, 1), p < 1, bad mixture levels or weights, or a
+  statistic/deviation that needs an α when ``alpha`` is None.
+  """
+  if not isinstance(deviation, str) or deviation not in catalogue.DEVIATIONS:
+    raise ValueError(
+        f"unknown deviation {deviation!r}; valid choices:"
+        f" {_names(catalogue.DEVIATIONS)}"
+    )
+  if statistic is None:
+    statistic = catalogue.NATURAL_STATISTIC[deviation]
+  if not isinstance(statistic, str) or statistic not in catalogue.STATISTICS:
+    raise ValueError(
+        f"unknown statistic {statistic!r}; valid choices:"
+        f" {_names(catalogue.STATISTICS)} (or None for the deviation's"
+        " natural statistic)"
+    )
+  if alpha is not None:
+    alpha = check_level(alpha)
+  for name, kind in ((statistic, "statistic"), (deviation, "deviation")):
+    if name in ("quantile", "superquantile") and alpha is None:
+      raise ValueError(
+          f"{kind} {name!r} needs alpha, a number in the open interval"
+          " (0, 1); got alpha=None"
+      )
+  p = check_p(p)
+  mixed = "mixed" in statistic or "mixed" in deviation
+  if mixed or levels is not None or weights is not None:
+    levels, weights = check_mixture(levels, weights)
+  if not isinstance(gaussian_consistent, bool):
+    raise ValueError(
+        f"gaussian_consistent must be True or False; got {gaussian_consistent!r}"
+    )
+  available = dict(
+      alpha=alpha,
+      p=p,
+      levels=levels,
+      weights=weights,
+      fast_variance=bool(use_fast_variance),
+  )
+  statistic_fn = catalogue.STATISTICS[statistic]
+  deviation_fn = catalogue.DEVIATIONS[deviation]
+  scale = 1.0
+  if gaussian_consistent:
+    scale = catalogue.gaussian_consistency_factor(
+        deviation, alpha=alpha, p=p, levels=levels, weights=weights
+    )
+  return Measures(
+      statistic=statistic,
+      deviation=deviation,
+      statistic_fn=statistic_fn,
+      deviation_fn=deviation_fn,
+      statistic_kwargs=_kwargs_for(statistic_fn, available),
+      deviation_kwargs=_kwargs_for(deviation_fn, available),
+      scale=scale,
+  )
+
+
+def batch_statistics(
+    x: Array,
+    *,
+    axes: int | Sequence[int],
+    statistic: str | None = None,
+    deviation: str = "superquantile",
+    alpha: float | None = 0.5,
+    p: float = 2.0,
+    levels: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    gaussian_consistent: bool = False,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+) -> tuple[Array, Array]:
+  """Per-channel centering S(x) and deviation D(x) over ``axes``.
+
+  The sample of a channel is its values over ``axes`` where ``mask`` is True,
+  pooled over the devices of ``axis_name`` (and ``axis_index_groups``): the
+  result equals the one-device result on the concatenated batch.
+
+  Args:
+    x: input array (floating point; half precision is reduced in float32).
+    axes: the reduction (batch and spatial) axes.
+    statistic: a name in :data:`gbn_jax.STATISTICS`, or None for the
+      deviation's natural statistic (:data:`gbn_jax.NATURAL_STATISTIC`).
+    deviation: a name in :data:`gbn_jax.DEVIATIONS`.
+    alpha: level of ``quantile`` / ``superquantile``, in (0, 1).
+    p: exponent of the ``lp`` deviation, >= 1.
+    levels, weights: levels α_j and weights λ_j (default equal) of the
+      ``mixed_superquantile`` deviation / ``mixed_quantile`` statistic.
+    gaussian_consistent: scale D so that it equals σ on normal data.
+    mask: boolean array broadcastable to ``x``; True marks values that count.
+    axis_name, axis_index_groups: pool the sample across devices (pmap /
+      shard_map); not needed under ``jit`` with a sharded batch.
+    use_fast_variance: ``std`` as max(0, E[x²] - μ²) in one pass, as Flax.
+    dtype, force_float32_reductions: reduction precision, as in Flax.
+
+  Returns:
+    ``(center, dev)``, each of shape ``x.shape`` without ``axes``, in the
+    reduction dtype (float32 for half-precision input).
+  """
+  measures = make_measures(
+      statistic,
+      deviation,
+      alpha=alpha,
+      p=p,
+      levels=levels,
+      weights=weights,
+      gaussian_consistent=gaussian_consistent,
+      use_fast_variance=use_fast_variance,
+  )
+  sample = Sample(
+      x,
+      axes,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      force_float32_reductions=force_float32_reductions,
+  )
+  return measures(sample)
+
+
+def normalize(
+    x: Array,
+    center: Array,
+    dev_sq: Array,
+    *,
+    axes: int | Sequence[int],
+    epsilon: float = 1e-5,
+    scale: Array | None = None,
+    bias: Array | None = None,
+) -> Array:
+  """y = scale * (x - center) / sqrt(dev_sq + epsilon) + bias.
+
+  ``center`` and ``dev_sq`` (= D^2) have ``x.shape`` without ``axes``;
+  ``scale`` and ``bias`` broadcast against ``x``. Computed in the promoted
+  dtype of the arguments (float32 for half-precision ``x`` and float32
+  statistics), like ``flax.linen.BatchNorm``.
+  """
+  axes = canonicalize_axes(jnp.ndim(x), axes)
+  mul = lax.rsqrt(jnp.expand_dims(dev_sq, axes) + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  y = (x - jnp.expand_dims(center, axes)) * mul
+  if bias is not None:
+    y = y + bias
+  return y

@@ -1,0 +1,188 @@
+"""The sample of each feature channel: values over the batch axes, a mask, devices.
+
+SPEC §1: for one channel the sample is the values of ``x`` over the reduction
+axes, restricted by ``mask`` and, with an ``axis_name``, pooled over every
+device of the group. Every measure in the catalogue is written against this
+object, so masks and devices are handled in one place and a measure is a few
+lines of math.
+
+A :class:`Sample` is built inside the traced function (it holds traced arrays)
+and memoises what it has computed, so a statistic and a deviation that both
+need, say, the mean or the same quantile compute it once per trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
+  """Sorted, deduplicated, non-negative axes; ``ValueError`` if out of range."""
+  if not isinstance(axes, Iterable):
+    axes = (axes,)
+  out = set()
+  for a in axes:
+    if not isinstance(a, (int, jnp.integer)) or isinstance(a, bool):
+      raise TypeError(f"axes must be integers, got {a!r} in {axes!r}")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"axis {a} is out of range for an input of rank {ndim}; valid axes"
+          f" are {-ndim}..{ndim - 1}"
+      )
+    out.add(int(a) % ndim)
+  return tuple(sorted(out))
+
+
+def reduction_dtype(x_dtype, dtype=None, force_float32: bool = True):
+  """The dtype statistics are computed in: at least float32, as in Flax."""
+  dtype = x_dtype if dtype is None else dtype
+  if force_float32:
+    dtype = jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(dtype)
+
+
+class Sample:
+  """Per-channel sample of ``x`` over ``axes`` (masked, pooled over devices).
+
+  Reductions return arrays of shape ``channel_shape`` = ``x.shape`` without
+  ``axes``. Channels with no valid value get ``count == 0``; every reduction
+  on them is finite (sums are 0, means 0, order statistics 0).
+
+  Attributes:
+    x: the values, in the reduction dtype (float32 for half-precision input).
+    axes: the reduction axes (canonical, sorted).
+    mask: ``None`` or a boolean array of ``x.shape`` (True = counts).
+    axis_name: named axis whose devices pool their values (pmap / shard_map).
+    axis_index_groups: optional groups of that axis, as in ``lax.psum``.
+  """
+
+  def __init__(
+      self,
+      x: Array,
+      axes: int | Sequence[int],
+      *,
+      mask: Array | None = None,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      dtype: Any = None,
+      force_float32_reductions: bool = True,
+  ):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(
+          f"gbn_jax normalizes floating-point input; got dtype {x.dtype}."
+          " Cast it first, e.g. x.astype(jnp.float32)."
+      )
+    if axis_index_groups is not None and axis_name is None:
+      raise ValueError(
+          f"axis_index_groups={axis_index_groups!r} needs an axis_name; got"
+          " axis_name=None"
+      )
+    self.axes = canonicalize_axes(x.ndim, axes)
+    self.x = x.astype(reduction_dtype(x.dtype, dtype, force_float32_reductions))
+    if mask is not None:
+      mask = jnp.asarray(mask, dtype=bool)
+      try:
+        mask = jnp.broadcast_to(mask, x.shape)
+      except ValueError:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to the input"
+            f" shape {x.shape}"
+        ) from None
+    self.mask = mask
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.channel_shape = tuple(
+        d for i, d in enumerate(x.shape) if i not in self.axes
+    )
+    self.local_size = 1
+    for a in self.axes:
+      self.local_size *= x.shape[a]
+    self._memo: dict[Any, Any] = {}
+
+  # -- plumbing -------------------------------------------------------------
+
+  def memo(self, key, compute):
+    """``compute()`` once per key for this sample (trace-time memoisation)."""
+    if key not in self._memo:
+      self._memo[key] = compute()
+    return self._memo[key]
+
+  def expand(self, per_channel: Array) -> Array:
+    """Reshape a per-channel array so it broadcasts against ``x``."""
+    return jnp.expand_dims(per_channel, self.axes)
+
+  def psum(self, v: Array) -> Array:
+    if self.axis_name is None:
+      return v
+    return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+
+  def pmax(self, v: Array) -> Array:
+    if self.axis_name is None:
+      return v
+    return lax.pmax(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+
+  def pmin(self, v: Array) -> Array:
+    if self.axis_name is None:
+      return v
+    return lax.pmin(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+
+  # -- reductions -----------------------------------------------------------
+
+  def sum(self, values: Array) -> Array:
+    """Σ over the valid values of the channel (all devices)."""
+    return self.psum(jnp.sum(values, self.axes, where=self.mask))
+
+  def count(self) -> Array:
+    """n, the number of valid values per channel (float, all devices)."""
+
+    def compute():
+      if self.mask is None:
+        local = jnp.full(self.channel_shape, self.local_size, self.x.dtype)
+      else:
+        local = jnp.sum(self.mask, self.axes, dtype=self.x.dtype)
+      return self.psum(local)
+
+    return self.memo("count", compute)
+
+  def safe_count(self) -> Array:
+    """max(n, 1): divides sums so an empty channel gives 0, not NaN."""
+    return jnp.maximum(self.count(), 1)
+
+  def average(self, values: Array) -> Array:
+    """(1/n) Σ values over the valid values (0 for an empty channel)."""
+    return self.sum(values) / self.safe_count()
+
+  def mean(self) -> Array:
+    """μ, the sample mean."""
+    return self.memo("mean", lambda: self.average(self.x))
+
+  def max(self) -> Array:
+    """Largest valid value (0 for an empty channel)."""
+
+    def compute():
+      m = jnp.max(self.x, self.axes, where=self.mask, initial=-jnp.inf)
+      return self._empty_to_zero(self.pmax(m))
+
+    return self.memo("max", compute)
+
+  def min(self) -> Array:
+    """Smallest valid value (0 for an empty channel)."""
+
+    def compute():
+      m = jnp.min(self.x, self.axes, where=self.mask, initial=jnp.inf)
+      return self._empty_to_zero(self.pmin(m))
+
+    return self.memo("min", compute)
+
+  def _empty_to_zero(self, v: Array) -> Array:
+    if self.mask is None:
+      return v
+    return jnp.where(self.count() > 0, v, jnp.zeros_like(v))
