@@ -167,7 +167,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
   ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
-  ap.add_argument("--steps", type=int, default=6000)
+  ap.add_argument("--steps", type=int, default=16000)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--out", default=None, help="folder for results.json, table.md")
