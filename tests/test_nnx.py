@@ -174,3 +174,21 @@ def test_jit_optimizer_step_matches_eager():
 def test_bad_configuration_raises_at_construction(kwargs, match):
   with pytest.raises(ValueError, match=match):
     GeneralizedBatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_input_gradients_equal_linen(mode):
+  cfg = _config("superquantile")
+  x = _inputs((4, 3))[1]
+  linen = LinenGBN(mode=mode, **cfg)
+  v = linen.init(jax.random.key(0), x, use_running_average=False)
+  layer = GeneralizedBatchNorm(3, mode=mode, rngs=nnx.Rngs(0), **cfg)
+  w = jnp.arange(1.0, 13.0).reshape(4, 3)
+
+  def f_linen(x):
+    y, _ = linen.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(w * y)
+
+  g_nnx = jax.grad(lambda x: jnp.sum(w * nnx.clone(layer)(x)))(x)
+  np.testing.assert_allclose(g_nnx, jax.grad(f_linen)(x), rtol=1e-5, atol=1e-5)
+  assert np.abs(g_nnx).max() > 0

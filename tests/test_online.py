@@ -301,3 +301,48 @@ def test_bad_mode_raises():
     online.update(make_measures(deviation="std"),
                   online.init_state(make_measures(deviation="std"), (1,)),
                   Sample(jnp.ones((2, 1)), 0), momentum=1.0)
+
+
+def test_linen_module_across_devices_equals_one_device():
+  """The module with axis_name under pmap == one device on the whole batch."""
+  layer = GeneralizedBatchNorm(mode="online", axis_name="dev", momentum=0.8,
+                               **_config("mixed_superquantile"))
+  local = GeneralizedBatchNorm(mode="online", momentum=0.8,
+                               **_config("mixed_superquantile"))
+  xs = jnp.asarray(np.random.default_rng(6).standard_normal((2, 8, 2, 3)) + 3,
+                   jnp.float32)
+  v0 = local.init(jax.random.key(0), xs[0, 0], use_running_average=False)
+
+  def two_steps(module, v, xs):
+    ys = []
+    for x in xs:
+      y, upd = module.apply(v, x, use_running_average=False,
+                            mutable=["batch_stats"])
+      v = {**v, **upd}
+      ys.append(y)
+    return ys, v["batch_stats"]
+
+  ys_many, st_many = jax.pmap(
+      lambda xs: two_steps(layer, v0, xs), axis_name="dev", in_axes=1
+  )(xs)
+  ys_one, st_one = two_steps(local, v0, xs.reshape(2, 16, 3))
+  for t in range(2):
+    np.testing.assert_allclose(ys_many[t].reshape(16, 3), ys_one[t],
+                               rtol=1e-5, atol=1e-5)
+  for k in st_one:
+    np.testing.assert_allclose(st_many[k][3], st_one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_input():
+  """bfloat16 input: statistics and state in float32, output finite."""
+  layer = GeneralizedBatchNorm(mode="online", deviation="superquantile")
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 4)) * 50,
+                  jnp.bfloat16)
+  v = layer.init(jax.random.key(0), x, use_running_average=False)
+  y, upd = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+  assert np.isfinite(np.asarray(y, np.float32)).all()
+  for a in jax.tree.leaves(upd):
+    assert a.dtype == jnp.float32
+  want = np_online([np.asarray(x, np.float32)], "superquantile", beta=0.99)[0]
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], want[0], rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], want[1] ** 2, rtol=1e-4)
