@@ -297,3 +297,18 @@ def normalize(
   if bias is not None:
     y = y + bias
   return y
+
+
+MODES = ("batch", "online")
+"""How the training forward pass gets S and D: from the batch alone
+(``"batch"``, the paper's layer) or from running estimates that include the
+batch (``"online"``, :mod:`gbn_jax.online`; meaningful at batch size 1)."""
+
+
+def check_mode(mode) -> str:
+  """``mode`` if it is one of :data:`MODES`, else ``ValueError`` naming them."""
+  if not isinstance(mode, str) or mode not in MODES:
+    raise ValueError(
+        f"unknown mode {mode!r}; valid choices: {', '.join(map(repr, MODES))}"
+    )
+  return mode

@@ -16,7 +16,8 @@ from flax.linen.module import compact
 from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
-from gbn_jax.functional import make_measures, normalize
+from gbn_jax import online
+from gbn_jax.functional import check_mode, make_measures, normalize
 from gbn_jax.sample import Sample, canonicalize_axes
 
 
@@ -60,6 +61,11 @@ class GeneralizedBatchNorm(module.Module):
     p: exponent of ``lp``, >= 1.
     levels, weights: of ``mixed_superquantile`` (weights default to equal).
     gaussian_consistent: scale D to equal σ on normal data (off by default).
+    mode: ``"batch"`` (S, D of the batch) or ``"online"``: in training,
+      normalize with running estimates that include the current batch
+      (meaningful at batch size 1); see :mod:`gbn_jax.online` for the update
+      of each measure, its extra ``batch_stats`` and what is differentiated.
+      ``mean``/``var`` then hold the online S and D^2 used for eval.
   """
 
   use_running_average: bool | None = None
@@ -83,9 +89,13 @@ class GeneralizedBatchNorm(module.Module):
   levels: Sequence[float] | None = None
   weights: Sequence[float] | None = None
   gaussian_consistent: bool = False
+  mode: str = "batch"
 
   def __post_init__(self):
     # Fail when the layer is set up, not with a NaN many steps later.
+    check_mode(self.mode)
+    if self.mode == "online":
+      online.init_state(self.measures(), ())  # ValueError if no online form
     self.measures()
     if self.axis_index_groups is not None and self.axis_name is None:
       raise ValueError(
@@ -141,6 +151,9 @@ class GeneralizedBatchNorm(module.Module):
         "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
     )
 
+    if self.mode == "online":
+      # Created in eval too, so a model initialised for eval can train.
+      online_vars = self._online_variables(feature_shape, stats_dtype)
     if use_running_average:
       center, dev_sq = ra_center.value, ra_dev_sq.value
       if not self.force_float32_reductions:
@@ -159,8 +172,14 @@ class GeneralizedBatchNorm(module.Module):
           dtype=self.dtype,
           force_float32_reductions=self.force_float32_reductions,
       )
-      center, dev_sq = self.measures().center_and_dev_sq(sample)
-      if not self.is_initializing():
+      if self.mode == "online":
+        center, dev_sq = self._online_step(sample, online_vars)
+      else:
+        center, dev_sq = self.measures().center_and_dev_sq(sample)
+      if self.mode == "online" and not self.is_initializing():
+        ra_center.value = jax.lax.stop_gradient(center)
+        ra_dev_sq.value = jax.lax.stop_gradient(dev_sq)
+      elif not self.is_initializing():
         ra_center.value = (
             self.momentum * ra_center.value + (1 - self.momentum) * center
         )
@@ -197,3 +216,22 @@ class GeneralizedBatchNorm(module.Module):
         bias=bias,
     )
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
+
+  def _online_variables(self, feature_shape, stats_dtype):
+    init = online.init_state(self.measures(), feature_shape, stats_dtype)
+    return {
+        k: self.variable("batch_stats", k, lambda v=v: v) for k, v in init.items()
+    }
+
+  def _online_step(self, sample, variables):
+    """mode="online": S and D^2 of the running state updated with ``sample``."""
+    center, dev_sq, new = online.update(
+        self.measures(),
+        {k: v.value for k, v in variables.items()},
+        sample,
+        momentum=self.momentum,
+    )
+    if not self.is_initializing():
+      for k, v in new.items():
+        variables[k].value = v
+    return center, dev_sq

@@ -1,0 +1,421 @@
+"""Online mode: running estimates of S and D that include the current batch.
+
+In batch mode the training forward pass normalizes with S and D of the batch
+alone, which are undefined or useless for a batch of one example (a single
+value has D = 0). In online mode it normalizes with *running* estimates that
+have just absorbed the current batch (as in Online Normalization, Chiley et
+al. 2019, and streaming normalization, Liao, Kawaguchi & Poggio 2016):
+
+    state_t = update(state_{t-1}, batch_t)
+    y_t     = scale * (x_t - S(state_t)) / sqrt(D(state_t)^2 + eps) + bias
+
+so every batch size, 1 included, gets a meaningful normalization. Every
+update is a few masked, device-pooled averages of the :class:`Sample`, so
+masks and ``axis_name`` (pmap / shard_map) work as in batch mode: the result
+on N devices equals one device on the concatenated batch.
+
+Notation: β = momentum, r = 1 - β (0 for a channel with no valid value in
+the batch, which leaves its state untouched), avg = average over the batch's
+valid values (all devices), [t]_+ = max(t, 0).
+
+Running quantities ("trackers"; kept only when the configuration needs them):
+
+* ``online_mu``, the mean:  μ ← β μ + r avg(x).
+* ``online_quantiles``, one Robbins–Monro iterate per level α (stacked on a
+  leading axis in the order of :func:`quantile_levels`):
+
+      q ← q + η (α - F̂(q)),   F̂(q) = avg(1[x <= q])  (the batch fraction at
+                                                       or below q, pooled)
+      η = quantile_step · r · s,  s ← β s + r avg|x - q|  (``online_quantile_scale``)
+
+  The step is scaled by a running absolute deviation s around q, so the
+  update is scale-equivariant (it behaves the same on λ x) and large while q
+  is far from the data. With the default ``quantile_step = π`` this is the
+  Newton step at the median of a normal distribution (1/f(q_0.5) = π E|X-q_0.5|),
+  i.e. q then relaxes towards the quantile at about the rate r of the mean's
+  exponential average. The fixed point of the mean update is F(q) = α.
+* ``online_max`` / ``online_min``, decaying extremes:
+  M ← max(max(x), β M + r max(x)) (and the same for the minimum): a new batch
+  extreme beyond M is taken at once, otherwise M relaxes towards the batch's.
+* ``online_moment``, the running mean of the deviation's per-value moment φ
+  (below), taken around the *updated* centers: m ← β m + r avg(φ(x)).
+
+Statistics S (catalogue name: online estimate):
+
+* ``mean``: μ.        ``quantile``: q_α.        ``median``: q_0.5.
+* ``midrange``: (M + m_min) / 2.        ``mixed_quantile``: Σ_j λ_j q_{α_j}.
+
+Deviations D (φ whose running mean m is kept, then D from m):
+
+* ``std``: φ = (x - μ)^2, D = sqrt(m).
+* ``mean_abs``: φ = |x - μ|, D = m.
+* ``lp``: φ = |x - μ|^p, D = m^(1/p).
+* ``upper_semi`` / ``lower_semi``: φ = [x - μ]_+^2 / [μ - x]_+^2, D = sqrt(m).
+* ``median_abs``: φ = |x - q_0.5|, D = m.
+* ``superquantile``: the Rockafellar–Uryasev form q̄_α = q + E[(x - q)_+]/(1 - α)
+  minus μ, per value: φ = q + [x - q]_+/(1 - α) - x
+  = α/(1 - α) [x - q]_+ + [q - x]_+ (written in this second, non-negative
+  form), D = m. At any q this is ≥ q̄_α - μ with equality at q = q_α, so an
+  error in q enters D only to second order.
+* ``mixed_superquantile``: φ = Σ_j λ_j (α_j/(1 - α_j) [x - q_j]_+ + [q_j - x]_+), D = m.
+* ``half_range``: no moment, D = (M - m_min) / 2.
+
+Gradients (what is and is not differentiated). The forward pass uses S and D
+of the updated state; JAX differentiates them through the *current batch's*
+contribution only:
+
+* differentiated: r avg(x) in μ; r avg(φ(x)) in the moment, including through
+  the updated μ inside φ; the batch max/min in the extremes.
+* not differentiated: the previous state (``stop_gradient``: earlier batches
+  are constants); the quantile iterates: F̂ is piecewise constant in x, so the
+  Robbins–Monro step has derivative 0 almost everywhere and q enters as a
+  constant (for the superquantile this is first-order exact at q = q_α,
+  where ∂/∂q [q + E(x - q)_+/(1 - α)] = 1 - P(X > q)/(1 - α) = 0); the step
+  size η and its scale s. The new state returned for storage carries no
+  gradient.
+
+Initial state: μ = 0, q = 0, s = 1, M = 1, m_min = -1, moment 1, i.e. S = 0
+and D = 1 (half_range: 1), like batch norm's running averages; there is no
+bias correction (it would give D = 0 on the first single-example batch).
+``use_fast_variance`` has no effect in online mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gbn_jax import catalogue
+from gbn_jax.functional import Measures
+from gbn_jax.sample import Sample
+
+Array = jax.Array
+
+DEFAULT_QUANTILE_STEP = math.pi
+"""η / (r s): the Newton step at the median of a normal distribution."""
+
+
+class Trackers(NamedTuple):
+  """Updated running quantities, per channel (None where not kept)."""
+
+  mu: Array | None
+  quantiles: dict  # level α -> q_α
+  max: Array | None
+  min: Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineStatistic:
+  """Online estimate of a statistic: the trackers it reads and its value."""
+
+  needs: Callable[..., tuple]  # (**params) -> ("mu" | "extremes" | level α, ...)
+  value: Callable[..., Array]  # (trackers, **params) -> S
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineDeviation:
+  """Online estimate of a deviation: trackers, per-value moment φ, D^2 from m."""
+
+  needs: Callable[..., tuple]
+  moment: Callable[..., Array] | None  # (x, expanded trackers, **params) -> φ
+  dev_sq: Callable[..., Array]  # (running moment m, trackers, **params) -> D^2
+
+
+def _sq_error(x, q, a):
+  # α/(1-α) [x - q]_+ + [q - x]_+  =  q + [x - q]_+/(1-α) - x  (RU form - x).
+  return a / (1.0 - a) * jnp.maximum(x - q, 0.0) + jnp.maximum(q - x, 0.0)
+
+
+ONLINE_STATISTICS = {
+    "mean": OnlineStatistic(lambda **_: ("mu",), lambda t, **_: t.mu),
+    "quantile": OnlineStatistic(
+        lambda *, alpha, **_: (float(alpha),),
+        lambda t, *, alpha, **_: t.quantiles[float(alpha)],
+    ),
+    "median": OnlineStatistic(
+        lambda **_: (0.5,), lambda t, **_: t.quantiles[0.5]
+    ),
+    "midrange": OnlineStatistic(
+        lambda **_: ("extremes",), lambda t, **_: (t.max + t.min) / 2
+    ),
+    "mixed_quantile": OnlineStatistic(
+        lambda *, levels, **_: tuple(float(a) for a in levels),
+        lambda t, *, levels, weights, **_: sum(
+            w * t.quantiles[float(a)] for a, w in zip(levels, weights)
+        ),
+    ),
+}
+"""Statistic name -> its online estimate (see the module docstring)."""
+
+ONLINE_DEVIATIONS = {
+    "std": OnlineDeviation(
+        lambda **_: ("mu",),
+        lambda x, t, **_: jnp.square(x - t.mu),
+        lambda m, t, **_: m,
+    ),
+    "mean_abs": OnlineDeviation(
+        lambda **_: ("mu",),
+        lambda x, t, **_: jnp.abs(x - t.mu),
+        lambda m, t, **_: jnp.square(m),
+    ),
+    "lp": OnlineDeviation(
+        lambda **_: ("mu",),
+        lambda x, t, *, p, **_: jnp.abs(x - t.mu) ** p,
+        lambda m, t, *, p, **_: catalogue._safe_root(m, 2.0 / p),
+    ),
+    "upper_semi": OnlineDeviation(
+        lambda **_: ("mu",),
+        lambda x, t, **_: jnp.square(jnp.maximum(x - t.mu, 0.0)),
+        lambda m, t, **_: m,
+    ),
+    "lower_semi": OnlineDeviation(
+        lambda **_: ("mu",),
+        lambda x, t, **_: jnp.square(jnp.maximum(t.mu - x, 0.0)),
+        lambda m, t, **_: m,
+    ),
+    "median_abs": OnlineDeviation(
+        lambda **_: (0.5,),
+        lambda x, t, **_: jnp.abs(x - t.quantiles[0.5]),
+        lambda m, t, **_: jnp.square(m),
+    ),
+    "superquantile": OnlineDeviation(
+        lambda *, alpha, **_: (float(alpha),),
+        lambda x, t, *, alpha, **_: _sq_error(
+            x, t.quantiles[float(alpha)], float(alpha)
+        ),
+        lambda m, t, **_: jnp.square(m),
+    ),
+    "mixed_superquantile": OnlineDeviation(
+        lambda *, levels, **_: tuple(float(a) for a in levels),
+        lambda x, t, *, levels, weights, **_: sum(
+            w * _sq_error(x, t.quantiles[float(a)], float(a))
+            for a, w in zip(levels, weights)
+        ),
+        lambda m, t, **_: jnp.square(m),
+    ),
+    "half_range": OnlineDeviation(
+        lambda **_: ("extremes",),
+        None,
+        lambda m, t, **_: jnp.square((t.max - t.min) / 2),
+    ),
+}
+"""Deviation name -> its online estimate (see the module docstring)."""
+
+
+def _entries(measures: Measures) -> tuple[OnlineStatistic, OnlineDeviation]:
+  stat = ONLINE_STATISTICS.get(measures.statistic)
+  if stat is None:
+    raise ValueError(
+        f"statistic {measures.statistic!r} has no online estimate; online mode"
+        f" supports {sorted(ONLINE_STATISTICS)}"
+    )
+  dev = ONLINE_DEVIATIONS.get(measures.deviation)
+  if dev is None:
+    raise ValueError(
+        f"deviation {measures.deviation!r} has no online estimate; online mode"
+        f" supports {sorted(ONLINE_DEVIATIONS)}"
+    )
+  return stat, dev
+
+
+def _needs(measures: Measures) -> tuple:
+  stat, dev = _entries(measures)
+  return stat.needs(**measures.statistic_kwargs) + dev.needs(
+      **measures.deviation_kwargs
+  )
+
+
+def quantile_levels(measures: Measures) -> tuple[float, ...]:
+  """The levels α whose quantile is tracked, in the order they are stacked."""
+  out = []
+  for need in _needs(measures):
+    if not isinstance(need, str) and need not in out:
+      out.append(need)
+  return tuple(out)
+
+
+def init_state(
+    measures: Measures, channel_shape: Sequence[int], dtype: Any = jnp.float32
+) -> dict[str, Array]:
+  """The initial online state (only the trackers this configuration reads).
+
+  Raises ``ValueError`` if a measure has no online estimate.
+  """
+  needs = _needs(measures)
+  shape = tuple(channel_shape)
+  state = {}
+  if "mu" in needs:
+    state["online_mu"] = jnp.zeros(shape, dtype)
+  levels = quantile_levels(measures)
+  if levels:
+    state["online_quantiles"] = jnp.zeros((len(levels),) + shape, dtype)
+    state["online_quantile_scale"] = jnp.ones((len(levels),) + shape, dtype)
+  if "extremes" in needs:
+    state["online_max"] = jnp.ones(shape, dtype)
+    state["online_min"] = -jnp.ones(shape, dtype)
+  if ONLINE_DEVIATIONS[measures.deviation].moment is not None:
+    state["online_moment"] = jnp.ones(shape, dtype)
+  return state
+
+
+def check_momentum(momentum) -> float:
+  if isinstance(momentum, jax.core.Tracer):
+    raise TypeError("momentum must be a concrete number in [0, 1)")
+  if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+    raise ValueError(
+        f"online mode needs momentum in [0, 1) (the weight of the past);"
+        f" got {momentum!r}"
+    )
+  return float(momentum)
+
+
+def update(
+    measures: Measures,
+    state: dict[str, Array],
+    sample: Sample,
+    *,
+    momentum: float = 0.99,
+    quantile_step: float = DEFAULT_QUANTILE_STEP,
+) -> tuple[Array, Array, dict[str, Array]]:
+  """Absorbs the batch into the running estimates; returns (S, D^2, state).
+
+  Args:
+    measures: the checked configuration (:func:`gbn_jax.make_measures`).
+    state: the previous state (:func:`init_state` at the start).
+    sample: the current batch, with its mask and ``axis_name``.
+    momentum: β, the weight of the past in every running estimate.
+    quantile_step: η / (r s) of the Robbins–Monro update (> 0).
+
+  Returns:
+    ``(center, dev_sq, new_state)``: S and D^2 of the updated state (to
+    normalize the current batch with; differentiable through the current
+    batch as the module docstring states) and the new state (no gradient).
+    A channel with no valid value keeps its state, and S, D^2 are the old
+    state's.
+  """
+  beta = check_momentum(momentum)
+  if not quantile_step > 0:
+    raise ValueError(f"quantile_step must be > 0; got {quantile_step!r}")
+  stat, dev = _entries(measures)
+  old = {k: lax.stop_gradient(jnp.asarray(v)) for k, v in state.items()}
+  expected = init_state(measures, sample.channel_shape)
+  if set(old) != set(expected):
+    raise ValueError(
+        f"online state has keys {sorted(old)}; this configuration needs"
+        f" {sorted(expected)}"
+    )
+  x = sample.x
+  # r = 1 - β where the channel has a valid value, 0 where it has none (the
+  # masked averages are 0 there), so an empty channel keeps its state.
+  r = (1.0 - beta) * (sample.count() > 0).astype(x.dtype)
+  b = 1.0 - r
+  new = {}
+
+  mu = None
+  if "online_mu" in old:
+    mu = b * old["online_mu"] + r * sample.mean()
+    new["online_mu"] = mu
+
+  quantiles = {}
+  levels = quantile_levels(measures)
+  if levels:
+    qs, scales = [], []
+    for i, a in enumerate(levels):
+      q, s = old["online_quantiles"][i], old["online_quantile_scale"][i]
+      below = sample.average((x <= sample.expand(q)).astype(x.dtype))  # F̂(q)
+      q = q + (quantile_step * r * s) * (a - below)
+      s = b * s + r * sample.average(jnp.abs(x - sample.expand(q)))
+      quantiles[a] = q
+      qs.append(q)
+      scales.append(s)
+    new["online_quantiles"] = jnp.stack(qs)
+    new["online_quantile_scale"] = jnp.stack(scales)
+
+  hi = lo = None
+  if "online_max" in old:
+    has = r > 0
+    bmax, bmin = sample.max(), sample.min()
+    hi = jnp.where(
+        has, jnp.maximum(bmax, b * old["online_max"] + r * bmax), old["online_max"]
+    )
+    lo = jnp.where(
+        has, jnp.minimum(bmin, b * old["online_min"] + r * bmin), old["online_min"]
+    )
+    new["online_max"], new["online_min"] = hi, lo
+
+  trackers = Trackers(mu, quantiles, hi, lo)
+  center = stat.value(trackers, **measures.statistic_kwargs)
+  m = None
+  if dev.moment is not None:
+    expanded = Trackers(
+        None if mu is None else sample.expand(mu),
+        {a: sample.expand(q) for a, q in quantiles.items()},
+        None,
+        None,
+    )
+    phi = dev.moment(x, expanded, **measures.deviation_kwargs)
+    m = b * old["online_moment"] + r * sample.average(phi)
+    new["online_moment"] = m
+  dev_sq = dev.dev_sq(m, trackers, **measures.deviation_kwargs)
+  if measures.scale != 1.0:
+    dev_sq = dev_sq * measures.scale**2
+  new = {
+      k: lax.stop_gradient(v).astype(jnp.asarray(state[k]).dtype)
+      for k, v in new.items()
+  }
+  return center, dev_sq, new
+
+
+def online_statistics(
+    x: Array,
+    state: dict[str, Array],
+    *,
+    axes: int | Sequence[int],
+    statistic: str | None = None,
+    deviation: str = "superquantile",
+    alpha: float | None = 0.5,
+    p: float = 2.0,
+    levels: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    gaussian_consistent: bool = False,
+    momentum: float = 0.99,
+    quantile_step: float = DEFAULT_QUANTILE_STEP,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> tuple[Array, Array, dict[str, Array]]:
+  """The functional form of one online step: ``(center, dev, new_state)``.
+
+  ``state=None`` starts from :func:`init_state`. Arguments as in
+  :func:`gbn_jax.batch_statistics`; ``dev`` is D (not D^2).
+  """
+  from gbn_jax.functional import make_measures
+
+  measures = make_measures(
+      statistic,
+      deviation,
+      alpha=alpha,
+      p=p,
+      levels=levels,
+      weights=weights,
+      gaussian_consistent=gaussian_consistent,
+  )
+  sample = Sample(
+      x,
+      axes,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+  )
+  if state is None:
+    state = init_state(measures, sample.channel_shape)
+  center, dev_sq, new = update(
+      measures, state, sample, momentum=momentum, quantile_step=quantile_step
+  )
+  return center, catalogue._safe_root(dev_sq, 0.5), new
