@@ -237,8 +237,10 @@ PIECEWISE = ["mean_abs", "median_abs", "superquantile", "half_range",
 
 
 def test_check_grads():
-  x = _data((12, 2), seed=7)
-  tol = dict(atol=1e-2, rtol=1e-2, eps=1e-3)
+  # n = 13, α = 0.37: k - αn = 0.19, far from the 1/2 that a max(0, ·)
+  # subgradient would give if q_α were (wrongly) held constant.
+  x = _data((13, 2), seed=7)
+  tol = dict(atol=3e-3, rtol=3e-3, eps=1e-3)
   check_grads(jax.jit(lambda x: lib(x, "mean", "std")[0]), (x,), order=1,
               modes=("fwd", "rev"), **tol)
   check_grads(jax.jit(lambda x: lib(x, "mean", "std")[1]), (x,), order=2,
