@@ -226,3 +226,23 @@ def test_normalize_matches_reference():
   ry = ref.normalize(x, rc, rd, axes=(0, 1), epsilon=1e-3, scale=scale,
                      bias=bias)
   _assert_close(y, ry, 10.0, "normalize", rtol=1e-4)
+
+
+def test_half_precision_reductions_count_exactly():
+  # force_float32_reductions=False reduces in bfloat16, but n must stay
+  # exact: bfloat16(1001) = 1000 would move the quantile rank k.
+  rng = np.random.default_rng(10)
+  x16 = jnp.asarray(rng.standard_normal((1001, 2)), jnp.bfloat16)
+  x = np.asarray(x16.astype(jnp.float32))
+  mask = np.ones(x.shape, bool)
+  mask[:2, 1] = False  # n = 999 in channel 1
+  for m in (None, mask):
+    for stat, alpha in (("median", 0.5), ("quantile", 0.37),
+                        ("quantile", 0.9)):
+      c, _ = gbn_jax.batch_statistics(
+          x16, axes=0, statistic=stat, deviation="std", alpha=alpha, mask=m,
+          force_float32_reductions=False)
+      rc, _ = ref.batch_statistics(x, axes=0, statistic=stat,
+                                   deviation="std", alpha=alpha, mask=m)
+      np.testing.assert_array_equal(np.asarray(c, np.float64), rc,
+                                    f"{stat} alpha={alpha} mask={m is not None}")

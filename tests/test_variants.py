@@ -161,3 +161,27 @@ def test_mask_equals_the_restricted_sample():
   full = all_measures(x, jnp.ones(x.shape, bool))
   np.testing.assert_allclose(full[0], all_measures(x)[0], rtol=1e-6)
   np.testing.assert_allclose(full[1], all_measures(x)[1], rtol=1e-6)
+
+
+def test_masked_out_values_may_be_nan_or_inf():
+  # Padding under the mask (NaN, ±inf) changes neither the statistics nor
+  # the gradients of the valid values.
+  x = _data(10, (6, 2, 4))
+  mask = np.random.default_rng(11).random(x.shape) < 0.7
+  mask[:, :, 1] = False  # and an empty channel
+  junk = np.where(np.random.default_rng(12).random(x.shape) < 0.5, np.nan,
+                  np.inf).astype(np.float32)
+  x_padded = jnp.where(jnp.asarray(mask), x, jnp.asarray(junk))
+
+  def loss(x):
+    c, d = all_measures(x, jnp.asarray(mask))
+    return jnp.sum(c) + jnp.sum(d), (c, d)
+
+  f = jax.jit(jax.grad(loss, has_aux=True))
+  g_clean, (c_clean, d_clean) = f(x)
+  g_pad, (c_pad, d_pad) = f(x_padded)
+  np.testing.assert_array_equal(c_pad, c_clean)
+  np.testing.assert_array_equal(d_pad, d_clean)
+  np.testing.assert_array_equal(np.asarray(g_pad)[mask],
+                                np.asarray(g_clean)[mask])
+  assert np.all(np.asarray(g_pad)[~mask] == 0)
