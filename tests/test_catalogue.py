@@ -10,6 +10,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax.sample import Sample
@@ -246,3 +248,21 @@ def test_half_precision_reductions_count_exactly():
                                    deviation="std", alpha=alpha, mask=m)
       np.testing.assert_array_equal(np.asarray(c, np.float64), rc,
                                     f"{stat} alpha={alpha} mask={m is not None}")
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 50),
+    alpha=st.floats(0.01, 0.99),
+    holes=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_samples_match_reference(n, alpha, holes, seed):
+  # Random sample sizes (down to n = 1), levels and masks. The array shape
+  # stays (50, 3) -- the mask picks the sample -- so eager ops compile once.
+  rng = np.random.default_rng(seed)
+  x = ref.skewed(rng, (50, 3), "lognormal")
+  mask = np.arange(50)[:, None] < n
+  if holes:
+    mask = mask & (rng.random((50, 3)) < 0.6)
+  _check_all_measures(x, 0, alpha, mask=np.broadcast_to(mask, x.shape))
