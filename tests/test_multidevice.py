@@ -130,8 +130,9 @@ def test_shard_map_and_sharded_jit_equal_one_device():
   np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-6)
 
 
-MODULE_DEVIATIONS = ("superquantile", "std", "median_abs", "half_range",
-                     "mixed_superquantile")
+# Every deviation (natural statistic; std with mean = nn.BatchNorm), plus
+# the Gaussian-consistent superquantile.
+MODULE_DEVIATIONS = tuple(gbn_jax.DEVIATIONS) + ("superquantile",)
 
 
 def _modules(axis_name, groups, train=True):
@@ -139,8 +140,9 @@ def _modules(axis_name, groups, train=True):
       gbn_jax.GeneralizedBatchNorm(
           use_running_average=not train, deviation=dev,
           statistic="mean" if dev == "std" else None, momentum=0.7,
-          axis_name=axis_name, axis_index_groups=groups, **PARAMS)
-      for dev in MODULE_DEVIATIONS
+          axis_name=axis_name, axis_index_groups=groups,
+          gaussian_consistent=j == len(MODULE_DEVIATIONS) - 1, **PARAMS)
+      for j, dev in enumerate(MODULE_DEVIATIONS)
   ]
 
 
@@ -163,11 +165,12 @@ def test_pmap_module_equals_one_device(groups_name):
   f = jax.pmap(lambda x, m: apply_all(x, m, _modules("batch", groups)),
                axis_name="batch")
   outs, stats = f(xs, masks)
+  one_device = jax.jit(lambda x, m: apply_all(x, m, local_modules))
   members = [list(range(N_DEV))] if groups is None else groups
   for group in members:
     x_cat = jnp.asarray(np.concatenate([xs[i] for i in group]))
     m_cat = jnp.asarray(np.concatenate([masks[i] for i in group]))
-    want_outs, want_stats = apply_all(x_cat, m_cat, local_modules)
+    want_outs, want_stats = one_device(x_cat, m_cat)
     for j, dev in enumerate(MODULE_DEVIATIONS):
       for pos, i in enumerate(group):
         lo = pos * LOCAL[0]
