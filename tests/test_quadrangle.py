@@ -61,9 +61,15 @@ def brute_force_min(v, error):
 
 
 def _library(x, deviation, alpha):
+  # Padded to a fixed length with a mask, so eager ops compile once for all
+  # the sample sizes hypothesis draws.
+  n = len(x)
+  padded = np.zeros((64, 1), np.float32)
+  padded[:n, 0] = x
+  mask = np.arange(64)[:, None] < n
   c, d = gbn_jax.batch_statistics(
-      jnp.asarray(x[:, None]), axes=0, deviation=deviation, alpha=alpha
-  )
+      jnp.asarray(padded), axes=0, deviation=deviation, alpha=alpha,
+      mask=jnp.asarray(mask))
   return float(c[0]), float(d[0])
 
 
