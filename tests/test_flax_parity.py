@@ -217,3 +217,31 @@ def test_running_averages_follow_the_spec_for_gbn():
   np.testing.assert_allclose(
       y_eval, ref.normalize(x1, ra_c, np.sqrt(ra_d2), axes=0),
       rtol=1e-4, atol=1e-4)
+
+
+def test_pmap_matches_batchnorm_with_axis_index_groups():
+  # Under pmap with axis_name (and groups) both pool the group's batch; with
+  # equal local batch sizes Flax's mean of means is the pooled mean.
+  rng = np.random.default_rng(4)
+  xs = jnp.asarray(ref.skewed(rng, (8, 3, 2, 4), "gamma"))
+  groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  kw = dict(use_running_average=False, axis_name="batch",
+            axis_index_groups=groups, momentum=0.6)
+  bn, gbn = nn.BatchNorm(**kw), GBN_MEAN_STD(**kw)
+  variables = nn.BatchNorm(use_running_average=False).init(
+      jax.random.key(0), xs[0])
+
+  def both(x):
+    def loss(module, params, x):
+      y, upd = module.apply({**variables, "params": params}, x,
+                            mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y)), (y, upd)
+    return [jax.grad(loss, argnums=(1, 2), has_aux=True)(
+        m, variables["params"], x) for m in (bn, gbn)]
+
+  (g_bn, aux_bn), (g_gbn, aux_gbn) = jax.pmap(both, axis_name="batch")(xs)
+  _tree_close(aux_gbn, aux_bn, "pmap outputs and running averages")
+  _tree_close(g_gbn, g_bn, "pmap gradients (params, input)")
+  # The two groups really differ (the groups are honoured).
+  assert not np.allclose(aux_bn[1]["batch_stats"]["mean"][0],
+                         aux_bn[1]["batch_stats"]["mean"][4])
