@@ -150,7 +150,13 @@ def superquantile(sample: Sample, *, alpha: float) -> Array:
 
   q̄_α = q_α + (1/((1-α) n)) Σ [x_i - q_α]_+ (see :func:`superquantile_value`).
   """
-  return superquantile_value(sample, alpha) - sample.mean()
+  return _nonnegative(superquantile_value(sample, alpha) - sample.mean())
+
+
+def _nonnegative(d: Array) -> Array:
+  # q̄_α >= μ exactly, but in float32 the rounded mean of a (near-)constant
+  # channel can exceed q̄_α by an ulp; a deviation is never negative.
+  return jnp.maximum(d, 0.0)
 
 
 def half_range(sample: Sample) -> Array:
@@ -164,7 +170,8 @@ def mixed_superquantile(
   """Σ_j λ_j (q̄_{α_j} - μ), λ_j >= 0, Σ λ_j = 1; natural statistic Σ λ_j q_{α_j}."""
   mu = sample.mean()
   return sum(
-      w * (superquantile_value(sample, a) - mu) for a, w in zip(levels, weights)
+      w * _nonnegative(superquantile_value(sample, a) - mu)
+      for a, w in zip(levels, weights)
   )
 
 

@@ -143,7 +143,7 @@ def make_measures(
     levels: Sequence[float] | None = None,
     weights: Sequence[float] | None = None,
     gaussian_consistent: bool = False,
-    use_fast_variance: bool = True,
+    use_fast_variance: bool = False,
 ) -> Measures:
   """Validates a configuration and resolves names to catalogue functions.
 
@@ -219,7 +219,7 @@ def batch_statistics(
     mask: Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
+    use_fast_variance: bool = False,
     dtype: Any = None,
     force_float32_reductions: bool = True,
 ) -> tuple[Array, Array]:
@@ -244,6 +244,9 @@ def batch_statistics(
     axis_name, axis_index_groups: pool the sample across devices (pmap /
       shard_map); not needed under ``jit`` with a sharded batch.
     use_fast_variance: ``std`` as max(0, E[x²] - μ²) in one pass, as Flax.
+      Off by default here: in float32 that form loses the variance to
+      cancellation when |μ| >> σ (a constant channel can get D > 0).
+      ``GeneralizedBatchNorm`` keeps Flax's default (True) for parity.
     dtype, force_float32_reductions: reduction precision, as in Flax.
 
   Returns:

@@ -96,6 +96,9 @@ class Sample:
             f"mask of shape {mask.shape} does not broadcast to the input"
             f" shape {x.shape}"
         ) from None
+      # Masked-out slots may hold anything (NaN/inf padding): zero them once
+      # so no measure sees them, not even as 0 * NaN in a gradient.
+      self.x = jnp.where(mask, self.x, jnp.zeros_like(self.x))
     self.mask = mask
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
@@ -141,13 +144,18 @@ class Sample:
     return self.psum(jnp.sum(values, self.axes, where=self.mask))
 
   def count(self) -> Array:
-    """n, the number of valid values per channel (float, all devices)."""
+    """n, the number of valid values per channel (float32, all devices).
+
+    Always float32 (exact up to 2**24), also when the reductions run in half
+    precision: the quantile rank k = ceil(α n) needs n exactly, and bfloat16
+    would round n = 1001 to 1000.
+    """
 
     def compute():
       if self.mask is None:
-        local = jnp.full(self.channel_shape, self.local_size, self.x.dtype)
+        local = jnp.full(self.channel_shape, self.local_size, jnp.float32)
       else:
-        local = jnp.sum(self.mask, self.axes, dtype=self.x.dtype)
+        local = jnp.sum(self.mask, self.axes, dtype=jnp.float32)
       return self.psum(local)
 
     return self.memo("count", compute)
@@ -158,7 +166,8 @@ class Sample:
 
   def average(self, values: Array) -> Array:
     """(1/n) Σ values over the valid values (0 for an empty channel)."""
-    return self.sum(values) / self.safe_count()
+    # n in the reduction dtype here, so averages keep that dtype (as Flax).
+    return self.sum(values) / self.safe_count().astype(self.x.dtype)
 
   def mean(self) -> Array:
     """μ, the sample mean."""

@@ -1,0 +1,184 @@
+"""Across devices (SPEC §4): 8 simulated CPU devices (see conftest.py).
+
+With ``axis_name`` (and ``axis_index_groups``) under ``pmap`` / ``shard_map``
+the sample is the union of the group's values: the result equals one device
+on the concatenated batch -- order statistics exactly, sums to float
+tolerance. Under ``jit`` with a sharded batch no ``axis_name`` is needed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import gbn_jax
+import reference as ref
+
+N_DEV = 8
+PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
+# Each device: (3, 2, C) values; reduction over its first two axes.
+LOCAL = (3, 2, 3)
+# Measures whose values are order statistics (exactly a function of the
+# pooled sample's extreme / k-th values): compared bit for bit.
+EXACT_CENTERS = {"median", "quantile", "midrange"}
+EXACT_DEVS = {"half_range"}
+GROUPS = {
+    "all": None,
+    "halves": [[0, 1, 2, 3], [4, 5, 6, 7]],
+    "strided": [[0, 2, 4, 6], [1, 3, 5, 7]],
+}
+
+
+def _configs():
+  out = [(dev, None) for dev in gbn_jax.DEVIATIONS]
+  out += [("std", stat) for stat in gbn_jax.STATISTICS]
+  return out
+
+
+def _all_measures(x, mask, axis_name=None, groups=None):
+  """Every deviation (natural statistic) and every statistic, stacked."""
+  centers, devs = [], []
+  for dev, stat in _configs():
+    c, d = gbn_jax.batch_statistics(
+        x, axes=(0, 1), statistic=stat, deviation=dev, mask=mask,
+        axis_name=axis_name, axis_index_groups=groups, **PARAMS)
+    centers.append(c)
+    devs.append(d)
+  return jnp.stack(centers), jnp.stack(devs)
+
+
+def _check(got, xs, masks, groups):
+  """got: per-device (centers, devs); vs one device on the group's batch."""
+  got_c, got_d = (np.asarray(a) for a in got)
+  members = [list(range(N_DEV))] if groups is None else groups
+  for group in members:
+    x_cat = np.concatenate([xs[i] for i in group])
+    m_cat = None if masks is None else np.concatenate([masks[i] for i in group])
+    want_c, want_d = (np.asarray(a) for a in
+                      _all_measures(jnp.asarray(x_cat), m_cat))
+    for i in group:
+      for j, (dev, stat) in enumerate(_configs()):
+        stat = stat or gbn_jax.NATURAL_STATISTIC[dev]
+        what = f"device {i} group {group} {stat}/{dev}"
+        if stat in EXACT_CENTERS:
+          np.testing.assert_array_equal(got_c[i, j], want_c[j], what)
+        else:
+          np.testing.assert_allclose(got_c[i, j], want_c[j], rtol=1e-5,
+                                     atol=1e-6, err_msg=what)
+        if dev in EXACT_DEVS:
+          np.testing.assert_array_equal(got_d[i, j], want_d[j], what)
+        else:
+          np.testing.assert_allclose(got_d[i, j], want_d[j], rtol=1e-5,
+                                     atol=1e-6, err_msg=what)
+    # And the reference agrees on the pooled sample (guards the baseline).
+    rc, rd = ref.batch_statistics(x_cat, axes=(0, 1), deviation="superquantile",
+                                  mask=m_cat, **PARAMS)
+    np.testing.assert_allclose(want_d[_configs().index(("superquantile",
+                                                        None))], rd,
+                               rtol=1e-5, atol=1e-6)
+
+
+def _data(seed, masked):
+  rng = np.random.default_rng(seed)
+  xs = ref.skewed(rng, (N_DEV,) + LOCAL, "lognormal")
+  masks = None
+  if masked:
+    masks = rng.random((N_DEV,) + LOCAL) < 0.6
+    masks[3, :, :, 0] = False  # a device with no valid value in channel 0
+    masks[4:, :, :, 2] = False  # the second half: channel 2 empty
+  return xs, masks
+
+
+def test_device_count():
+  assert jax.device_count() >= N_DEV, "conftest.py sets 8 CPU devices"
+
+
+@pytest.mark.parametrize("groups_name", list(GROUPS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_pmap_batch_statistics_equals_one_device(groups_name, masked):
+  groups = GROUPS[groups_name]
+  xs, masks = _data(list(GROUPS).index(groups_name) + 10 * masked, masked)
+  if masked:
+    got = jax.pmap(lambda x, m: _all_measures(x, m, "batch", groups),
+                   axis_name="batch")(xs, masks)
+  else:
+    got = jax.pmap(lambda x: _all_measures(x, None, "batch", groups),
+                   axis_name="batch")(xs)
+  _check(got, xs, masks, groups)
+
+
+def test_shard_map_and_sharded_jit_equal_one_device():
+  xs, _ = _data(7, False)
+  mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("batch",))
+  x_cat = xs.reshape((N_DEV * LOCAL[0],) + LOCAL[1:])
+  want_c, want_d = (np.asarray(a) for a in _all_measures(jnp.asarray(x_cat),
+                                                         None))
+  # shard_map with the axis name: every shard gets the global statistics.
+  sm = jax.jit(jax.shard_map(
+      lambda x: tuple(a[None] for a in _all_measures(x, None, "batch")),
+      mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
+  got_c, got_d = (np.asarray(a) for a in sm(x_cat))
+  for i in range(N_DEV):
+    np.testing.assert_allclose(got_c[i], want_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_d[i], want_d, rtol=1e-5, atol=1e-6)
+  # jit on a batch sharded over the mesh, no axis name needed.
+  x_sharded = jax.device_put(x_cat, NamedSharding(mesh, P("batch")))
+  got_c, got_d = (np.asarray(a) for a in
+                  jax.jit(lambda x: _all_measures(x, None))(x_sharded))
+  np.testing.assert_allclose(got_c, want_c, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_d, want_d, rtol=1e-5, atol=1e-6)
+
+
+# Every deviation (natural statistic; std with mean = nn.BatchNorm), plus
+# the Gaussian-consistent superquantile.
+MODULE_DEVIATIONS = tuple(gbn_jax.DEVIATIONS) + ("superquantile",)
+
+
+def _modules(axis_name, groups, train=True):
+  return [
+      gbn_jax.GeneralizedBatchNorm(
+          use_running_average=not train, deviation=dev,
+          statistic="mean" if dev == "std" else None, momentum=0.7,
+          axis_name=axis_name, axis_index_groups=groups,
+          gaussian_consistent=j == len(MODULE_DEVIATIONS) - 1, **PARAMS)
+      for j, dev in enumerate(MODULE_DEVIATIONS)
+  ]
+
+
+@pytest.mark.parametrize("groups_name", ["all", "halves"])
+def test_pmap_module_equals_one_device(groups_name):
+  groups = GROUPS[groups_name]
+  xs, masks = _data(11, True)
+  local_modules = _modules(None, None)
+  variables = [m.init(jax.random.key(0), jnp.asarray(xs[0]))
+               for m in local_modules]
+
+  def apply_all(x, mask, modules):
+    outs, stats = [], []
+    for m, v in zip(modules, variables):
+      y, upd = m.apply(v, x, mask=mask, mutable=["batch_stats"])
+      outs.append(y)
+      stats.append(upd["batch_stats"])
+    return outs, stats
+
+  f = jax.pmap(lambda x, m: apply_all(x, m, _modules("batch", groups)),
+               axis_name="batch")
+  outs, stats = f(xs, masks)
+  one_device = jax.jit(lambda x, m: apply_all(x, m, local_modules))
+  members = [list(range(N_DEV))] if groups is None else groups
+  for group in members:
+    x_cat = jnp.asarray(np.concatenate([xs[i] for i in group]))
+    m_cat = jnp.asarray(np.concatenate([masks[i] for i in group]))
+    want_outs, want_stats = one_device(x_cat, m_cat)
+    for j, dev in enumerate(MODULE_DEVIATIONS):
+      for pos, i in enumerate(group):
+        lo = pos * LOCAL[0]
+        np.testing.assert_allclose(
+            outs[j][i], want_outs[j][lo:lo + LOCAL[0]], rtol=1e-5, atol=1e-5,
+            err_msg=f"{dev} output, device {i}")
+        for k in ("mean", "var"):
+          np.testing.assert_allclose(
+              stats[j][k][i], want_stats[j][k], rtol=1e-5, atol=1e-6,
+              err_msg=f"{dev} batch_stats[{k}], device {i}")
+      assert np.all(np.isfinite(np.asarray(outs[j]))), dev
