@@ -222,6 +222,7 @@ def batch_statistics(
     use_fast_variance: bool = True,
     dtype: Any = None,
     force_float32_reductions: bool = True,
+    approximate: bool = False,
 ) -> tuple[Array, Array]:
   """Per-channel centering S(x) and deviation D(x) over ``axes``.
 
@@ -245,6 +246,8 @@ def batch_statistics(
       shard_map); not needed under ``jit`` with a sharded batch.
     use_fast_variance: ``std`` as max(0, E[x²] - μ²) in one pass, as Flax.
     dtype, force_float32_reductions: reduction precision, as in Flax.
+    approximate: quantiles from a strided subsample (faster, not exact; the
+      superquantile is then evaluated exactly at that point). Off by default.
 
   Returns:
     ``(center, dev)``, each of shape ``x.shape`` without ``axes``, in the
@@ -268,6 +271,7 @@ def batch_statistics(
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       force_float32_reductions=force_float32_reductions,
+      approximate=approximate,
   )
   return measures(sample)
 

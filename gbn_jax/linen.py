@@ -60,6 +60,8 @@ class GeneralizedBatchNorm(module.Module):
     p: exponent of ``lp``, >= 1.
     levels, weights: of ``mixed_superquantile`` (weights default to equal).
     gaussian_consistent: scale D to equal σ on normal data (off by default).
+    approximate: quantiles from a strided subsample, for speed (off by
+      default; the order statistics are then not exact).
   """
 
   use_running_average: bool | None = None
@@ -83,10 +85,15 @@ class GeneralizedBatchNorm(module.Module):
   levels: Sequence[float] | None = None
   weights: Sequence[float] | None = None
   gaussian_consistent: bool = False
+  approximate: bool = False
 
   def __post_init__(self):
     # Fail when the layer is set up, not with a NaN many steps later.
     self.measures()
+    if not isinstance(self.approximate, bool):
+      raise ValueError(
+          f"approximate must be True or False; got {self.approximate!r}"
+      )
     if self.axis_index_groups is not None and self.axis_name is None:
       raise ValueError(
           f"axis_index_groups={self.axis_index_groups!r} needs an axis_name;"
@@ -158,6 +165,7 @@ class GeneralizedBatchNorm(module.Module):
           ),
           dtype=self.dtype,
           force_float32_reductions=self.force_float32_reductions,
+          approximate=self.approximate,
       )
       center, dev_sq = self.measures().center_and_dev_sq(sample)
       if not self.is_initializing():
