@@ -200,12 +200,13 @@ def _subsample_quantiles(sample: Sample, fractions: Array) -> Array:
 # The selection loop.
 # --------------------------------------------------------------------------
 #
-# Each reduction below is its own sweep over x with one per-channel operand:
-# on XLA:CPU a fusion that compares x with several per-channel pivots at once
-# (a broadcast (N, C, P) comparison, or P sibling sums fused into one
-# multi-output reduction) measured 10-100x slower per comparison than P
-# separate single-output reductions, so the pivots of a pass are counted in a
-# ``fori_loop`` (one reduction per iteration, which XLA cannot fuse together).
+# XLA:CPU notes (measured, see BENCHMARKS.md): a fusion comparing x with
+# many per-channel pivots at once (a broadcast (N, C, P) comparison, or many
+# sibling sums fused into one multi-output reduction) ran 10-100x slower per
+# comparison than a single-output reduction, and integer reductions 4-8x
+# slower than float32 ones. So a pass counts two pivots (int compares, float32
+# sums: exact below 2**24 values per channel) and takes the bracket's extremes
+# with float32 min/max.
 
 
 def _keys(sample: Sample) -> Array:
@@ -219,29 +220,54 @@ def _count_le(sample: Sample, pivot: Array) -> Array:
 
 
 def _counts(sample: Sample, pivots: Array) -> Array:
-  """c(p_j) for pivots (*C, P): one reduction per pivot (see above)."""
-
-  def body(j, acc):
-    p = lax.dynamic_index_in_dim(pivots, j, -1, keepdims=False)
-    return lax.dynamic_update_index_in_dim(acc, _count_le(sample, p), j, -1)
-
-  acc = jnp.zeros(pivots.shape, jnp.float32)
-  return lax.fori_loop(0, pivots.shape[-1], body, acc)
+  """c(p_j) for pivots (*C, P), P small."""
+  return jnp.stack(
+      [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])], -1
+  )
 
 
-def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
-  """Smallest (or largest) key in (lo, hi] per channel (hi / lo + 1 if none)."""
+_ZERO_BAND = 0x00800000  # keys of denormals and zero: |key| < 2**23
+
+
+def _inside(sample: Sample, lo: Array, hi: Array) -> Array:
   key = _keys(sample)
   inside = (key > jnp.expand_dims(lo, sample.axes)) & (
       key <= jnp.expand_dims(hi, sample.axes)
   )
   if sample.mask is not None:
     inside = inside & sample.mask
+  return inside
+
+
+def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
+  """Smallest (or largest) key in (lo, hi] per channel (hi / lo + 1 if none).
+
+  A float32 min/max (fast), exact unless the extreme lies among the
+  denormals and zeros, which XLA:CPU compares as equal (denormals-are-zero):
+  then the integer keys decide (slower, only on such data).
+  """
+  x = lax.stop_gradient(sample.x).astype(jnp.float32)
+  inside = _inside(sample, lo, hi)
   if largest:
-    v = jnp.max(jnp.where(inside, key, _MIN_KEY), sample.axes)
-    return jnp.maximum(sample.pmax(v), lo + 1)
-  v = jnp.min(jnp.where(inside, key, _MAX_KEY), sample.axes)
-  return jnp.minimum(sample.pmin(v), hi)
+    v = sample.pmax(jnp.max(jnp.where(inside, x, -jnp.inf), sample.axes))
+  else:
+    # NaN would win a float min: leave it out, and let +inf be ambiguous.
+    v = jnp.min(jnp.where(inside & (x == x), x, jnp.inf), sample.axes)
+    v = sample.pmin(v)
+  key = float_to_key(v)
+
+  def exact(_):
+    keys = _keys(sample)
+    if largest:
+      r = jnp.max(jnp.where(inside, keys, _MIN_KEY), sample.axes)
+      return sample.pmax(r)
+    return sample.pmin(jnp.min(jnp.where(inside, keys, _MAX_KEY), sample.axes))
+
+  ambiguous = jnp.abs(key) < _ZERO_BAND
+  if not largest:
+    ambiguous = ambiguous | (key == _INF_KEY)
+  key = lax.cond(jnp.any(ambiguous), exact, lambda _: key, None)
+  return jnp.clip(key, lo + 1, hi)
 
 
 def _narrow(sample, k, lo, hi, c_lo, c_hi, pivots):
@@ -297,13 +323,20 @@ def _select(sample: Sample, k: Array):
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape).astype(jnp.float32)
   empty = n == 0
 
-  # First pass: subsample quantiles on both sides of k / n (about ±2
-  # standard errors of a subsample quantile), and the bracket's minimum.
+  # First pass: where a normal fit with the sample's mean and standard
+  # deviation puts the quantiles t -/+ spread (t = (k - 1/2) / n). Only a
+  # guess -- the counts decide -- but two cheap fused sums, no sort, and
+  # nothing that depends on how the batch is laid out over devices.
+  x = lax.stop_gradient(sample.x).astype(jnp.float32)
+  mu = lax.stop_gradient(sample.mean()).astype(jnp.float32)
+  var = sample.average(jnp.square(x - jnp.expand_dims(mu, sample.axes)))
+  sigma = jnp.sqrt(jnp.maximum(var, 0.0))
   t = (k - 0.5) / jnp.maximum(n, 1.0)
-  m_s = min(SUBSAMPLE_SIZE, sample.local_size)
-  spread = 2.0 * jnp.sqrt(t * (1 - t) / m_s) + 1.0 / m_s
-  f = jnp.clip(t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0]), 0, 1)
-  pivots = jnp.minimum(float_to_key(_subsample_quantiles(sample, f)), _INF_KEY)
+  spread = 0.25 * jnp.sqrt(t * (1 - t)) + 0.5 / jnp.maximum(n, 1.0)
+  f = t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0])
+  z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
+  guess = mu[..., None] + sigma[..., None] * z
+  pivots = jnp.minimum(float_to_key(guess), _INF_KEY)
   lo = jnp.full(shape, _MIN_KEY, jnp.int32)
   hi = jnp.full(shape, _NAN_KEY, jnp.int32)
   lo, hi, c_lo, c_hi = _narrow(sample, k, lo, hi, jnp.zeros_like(n), n, pivots)
