@@ -15,24 +15,28 @@ The engine (selection by counting)
 Each float32 value maps to an int32 *key* that orders like the float:
 ``key = m`` for ``x >= 0`` and ``-m`` for ``x < 0`` with ``m`` the bits of
 ``|x|``, so ``-0.0`` and ``+0.0`` share key 0 (they compare equal, as in
-``jnp.sort``) and every NaN gets the largest key (NaNs sort last, as in
-``jnp.sort``). Per channel the engine keeps a bracket of keys ``(lo, hi]``
-with ``c(lo) < k <= c(hi)``, ``c(p) = #{valid x : key(x) <= p}``, and narrows
-it in passes. A pass compares every value with ``P`` per-channel pivots and
-counts (a masked sum, ``psum``-ed over the devices of ``axis_name``), and in
-the same sweep takes the smallest key above ``lo`` and the largest key up to
-``hi`` (``pmin``/``pmax``), which pulls the bracket in to actual data values.
-It stops (``lax.while_loop``) when ``hi == lo + 1``: then ``x_(k)`` is the
-value of key ``hi`` and ``c(hi) - c(lo)`` is the number of values tied with
-it. The pivots of a pass are
+``jnp.sort``) and every NaN gets the key after +inf (NaNs sort last, as in
+``jnp.sort``). Integer compares keep denormals exact (XLA:CPU compares
+floats with denormals-are-zero). Per channel the engine keeps a bracket of
+keys ``(lo, hi]`` with ``c(lo) < k <= c(hi)``, ``c(p) = #{valid x : key(x)
+<= p}``. A pass
 
-* in the first pass, quantiles of a strided subsample (averaged over devices,
-  so that every device counts at the same pivots) around the target rank;
-* afterwards, ``P_INTERP`` values placed by linear interpolation of the rank
-  inside the bracket (fast on smooth data), plus ``P_BISECT`` keys that split
-  the bracket's key range evenly, which guarantee progress on any data: the
-  key width shrinks by a factor ``P_BISECT + 1`` per pass, so a pass count of
-  :func:`max_passes` is never exceeded.
+1. counts the values at two per-channel pivots (a masked sum each,
+   ``psum``-ed over the devices of ``axis_name``) and keeps the pivots next
+   to rank ``k`` as the new bracket;
+2. pulls both ends in to actual data: the smallest and the largest value in
+   the bracket (``pmin``/``pmax``). No count changes, and when the two are
+   equal the bracket holds one distinct value: that is ``x_(k)``, and
+   ``c(hi) - c(lo)`` is the number of values tied with it.
+
+The pivots of the first pass are where a normal fit (the sample's mean and
+standard deviation) puts the quantiles at ``t ∓ spread``; afterwards they are
+placed by linear interpolation of the rank between the bracket's smallest and
+largest value, ``±(sqrt(m)/2 + 1/2)`` ranks around the target (``m`` values
+in the bracket) -- fast on smooth data. From pass ``BISECT_AFTER`` on, one
+pivot halves the bracket's key range instead, which bounds the passes on any
+data (:func:`max_passes`). The loop (``lax.while_loop``) stops when every
+channel's bracket holds one distinct value.
 
 No pass gathers activations: communication per call is
 ``O(channels x passes)``. Under ``jit`` with a sharded batch (no
@@ -54,11 +58,13 @@ values only. The cross-device part of the gradient goes through the same
 differentiate it as they differentiate the mean.
 
 Approximate mode (``Sample(approximate=True)``): ``q_α`` is the quantile of a
-strided subsample of at most :data:`SUBSAMPLE_SIZE` values per channel
+strided subsample of at most :data:`APPROX_SUBSAMPLE_SIZE` values per channel
 (averaged over devices), and the superquantile is then evaluated exactly at
 that point by the Rockafellar–Uryasev formula
-``q + Σ[x - q]_+ / ((1 - α) n)``, which is >= the exact ``q̄_α`` and differs
-from it only to second order in the quantile's error (see docs).
+``q + Σ[x - q]_+ / ((1 - α) n)``, which is >= the exact ``q̄_α``; the error
+is second order in the quantile's error (rank standard error
+``sqrt(α(1-α)/m)``, m the subsample size). Not exact, and under ``pmap`` not
+equal to the one-device value on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -80,8 +86,8 @@ P_INTERP = 2
 BISECT_AFTER = 6
 """From this pass on, the last pivot halves the key range (worst-case bound)."""
 
-SUBSAMPLE_SIZE = 128
-"""Values per channel (per device) in the strided subsample."""
+APPROX_SUBSAMPLE_SIZE = 256
+"""Values per channel (per device) in the approximate mode's subsample."""
 
 _MAX_KEY = 2**31 - 1
 _MIN_KEY = -(2**31)  # below every key
@@ -170,30 +176,6 @@ def _device_mean(sample: Sample, v: Array) -> Array:
     return v
   ones = sample.psum(jnp.ones((), v.dtype))
   return sample.psum(v) / ones
-
-
-def _subsample_quantiles(sample: Sample, fractions: Array) -> Array:
-  """Quantiles of the local subsample at per-channel ``fractions`` (*C, P).
-
-  Values at rank ``floor(f * m_valid)`` of the sorted valid subsample, as
-  float32, averaged over devices (non-finite values count as 0 there: these
-  are only pivots). Local sort of at most ``SUBSAMPLE_SIZE`` per channel.
-  """
-  x, valid = _subsample(sample, SUBSAMPLE_SIZE)
-  x = lax.stop_gradient(x).astype(jnp.float32)
-  m = x.shape[-1]
-  if valid is None:
-    m_valid = jnp.full(sample.channel_shape, m, jnp.int32)
-  else:
-    x = jnp.where(valid, x, jnp.inf)
-    m_valid = jnp.sum(valid, -1, dtype=jnp.int32)
-  s = jnp.sort(x, axis=-1)
-  idx = jnp.floor(fractions * m_valid[..., None].astype(jnp.float32))
-  idx = jnp.clip(idx.astype(jnp.int32), 0, jnp.maximum(m_valid, 1)[..., None] - 1)
-  v = jnp.take_along_axis(s, idx, axis=-1)
-  if sample.axis_name is not None:
-    v = _device_mean(sample, jnp.where(jnp.isfinite(v), v, 0.0))
-  return v
 
 
 # --------------------------------------------------------------------------
@@ -437,14 +419,14 @@ def selection_passes(sample: Sample, k: Array) -> Array:
 
 
 def approximate_quantile(sample: Sample, alpha: float) -> Array:
-  """q_α of a strided subsample (<= SUBSAMPLE_SIZE per channel per device).
+  """q_α of a strided subsample (<= APPROX_SUBSAMPLE_SIZE per channel/device).
 
   The subsample's ``ceil(α m)``-th smallest valid value, averaged over the
   devices of the group; gradient 1 at the selected subsample element(s)
   (shared among ties), divided among devices by the average. Channels whose
   subsample has no valid value fall back to 0.
   """
-  x, valid = _subsample(sample, SUBSAMPLE_SIZE)
+  x, valid = _subsample(sample, APPROX_SUBSAMPLE_SIZE)
   axes = (x.ndim - 1,)
   sub = Sample(x, axes, mask=valid)  # local: the average pools devices
   q = kth_smallest_by_sort(sub, quantile_rank(alpha, sub.count()))
