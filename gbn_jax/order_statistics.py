@@ -83,6 +83,12 @@ Array = jax.Array
 P_INTERP = 2
 """Pivots placed by rank interpolation in each pass (besides ``lo + 1``)."""
 
+SPREAD = 0.05
+"""First-pass pivots: quantile levels t ∓ SPREAD sqrt(t (1 - t)) of a normal fit."""
+
+HALF = 0.5
+"""Later pivots: ranks ±(HALF sqrt(m) + 1/2) around the target (m in bracket)."""
+
 BISECT_AFTER = 6
 """From this pass on, the last pivot halves the key range (worst-case bound)."""
 
@@ -154,19 +160,31 @@ def _channels_last(sample: Sample, values: Array) -> Array:
   return values.reshape(sample.channel_shape + (-1,))
 
 
+def _reduction_first(sample: Sample, values: Array) -> Array:
+  """Move the reduction axes to the front and flatten them: (m, *channels).
+
+  Free (a reshape) for channels-last layouts such as NHWC.
+  """
+  lead = list(sample.axes)
+  rest = [i for i in range(values.ndim) if i not in sample.axes]
+  if lead + rest != list(range(values.ndim)):
+    values = jnp.transpose(values, lead + rest)
+  return values.reshape((-1,) + sample.channel_shape)
+
+
 def _subsample(sample: Sample, size: int):
   """A strided subsample of at most ``size`` slots per channel (local).
 
-  Returns ``(values, valid)`` of shape ``(*channels, m)``; ``valid`` is None
+  Returns ``(values, valid)`` of shape ``(m, *channels)``; ``valid`` is None
   without a mask. Strided over the flattened reduction axes, so it spreads
   over the batch and the spatial positions.
   """
-  x = _channels_last(sample, sample.x)
-  stride = max(1, -(-x.shape[-1] // size))
-  x = x[..., ::stride]
+  x = _reduction_first(sample, sample.x)
+  stride = max(1, -(-x.shape[0] // size))
+  x = x[::stride]
   valid = None
   if sample.mask is not None:
-    valid = _channels_last(sample, sample.mask)[..., ::stride]
+    valid = _reduction_first(sample, sample.mask)[::stride]
   return x, valid
 
 
@@ -285,7 +303,7 @@ def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
   r = k - c_lo
   # ±(0.5 sqrt(m) + 0.5): about one standard deviation of the rank of an
   # interpolated value, so the target usually falls between the pivots.
-  half = 0.5 * jnp.sqrt(m) + 0.5
+  half = HALF * jnp.sqrt(m) + 0.5
   j = jnp.linspace(-1.0, 1.0, P_INTERP, dtype=jnp.float32)
   f = (r[..., None] + half[..., None] * j - 1.0) / jnp.maximum(m - 1.0, 1.0)[..., None]
   v = a[..., None] + (b - a)[..., None] * jnp.clip(f, 0.0, 1.0)
@@ -314,7 +332,7 @@ def _select(sample: Sample, k: Array):
   var = sample.average(jnp.square(x - jnp.expand_dims(mu, sample.axes)))
   sigma = jnp.sqrt(jnp.maximum(var, 0.0))
   t = (k - 0.5) / jnp.maximum(n, 1.0)
-  spread = 0.25 * jnp.sqrt(t * (1 - t)) + 0.5 / jnp.maximum(n, 1.0)
+  spread = SPREAD * jnp.sqrt(t * (1 - t)) + 0.5 / jnp.maximum(n, 1.0)
   f = t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0])
   z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
   guess = mu[..., None] + sigma[..., None] * z
@@ -421,21 +439,15 @@ def selection_passes(sample: Sample, k: Array) -> Array:
 def approximate_quantile(sample: Sample, alpha: float) -> Array:
   """q_α of a strided subsample (<= APPROX_SUBSAMPLE_SIZE per channel/device).
 
-  The subsample's ``ceil(α m)``-th smallest valid value, averaged over the
-  devices of the group; gradient 1 at the selected subsample element(s)
-  (shared among ties), divided among devices by the average. Channels whose
-  subsample has no valid value fall back to 0.
+  The subsample's ``ceil(α m)``-th smallest valid value (found by the same
+  counting engine, on the small subsample), averaged over the devices of the
+  group; gradient 1 at the selected subsample element(s) (shared among
+  ties), divided among devices by the average. A channel whose subsample has
+  no valid value gives 0.
   """
   x, valid = _subsample(sample, APPROX_SUBSAMPLE_SIZE)
-  axes = (x.ndim - 1,)
-  sub = Sample(x, axes, mask=valid)  # local: the average pools devices
-  q = kth_smallest_by_sort(sub, quantile_rank(alpha, sub.count()))
-  q = lax.stop_gradient(q)
-  hit = float_to_key(x) == float_to_key(q)[..., None]
-  if valid is not None:
-    hit = hit & valid
-  ties = jnp.sum(hit, -1, dtype=jnp.int32)
-  q = _attach_gradient(sub, q, ties)
+  sub = Sample(x, (0,), mask=valid)  # local: the average pools devices
+  q = kth_smallest(sub, quantile_rank(alpha, sub.count()))
   return _device_mean(sample, q)
 
 
