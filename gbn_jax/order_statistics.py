@@ -213,10 +213,39 @@ def _keys(sample: Sample) -> Array:
   return float_to_key(lax.stop_gradient(sample.x))
 
 
+def _values(sample: Sample) -> Array:
+  return lax.stop_gradient(sample.x).astype(jnp.float32)
+
+
+# Keys with |key| < 2**23 are ±0 and the denormals. XLA:CPU compares floats
+# with denormals-are-zero, so a float compare against a bound in that band
+# can be wrong; against any other bound (normal or ±inf) it is exact (a
+# denormal read as ±0 lies on the same side of it). The fast paths below
+# compare floats -- no x-sized key array -- and fall back to the integer keys
+# when a bound or result lies in the band.
+_ZERO_BAND = 0x00800000
+
+
+def _in_band(key: Array) -> Array:
+  return jnp.any(jnp.abs(key) < _ZERO_BAND)
+
+
 def _count_le(sample: Sample, pivot: Array) -> Array:
-  """c(p) = #{valid x : key(x) <= p} per channel, float32 (exact < 2**24)."""
-  le = (_keys(sample) <= jnp.expand_dims(pivot, sample.axes)).astype(jnp.float32)
-  return sample.psum(jnp.sum(le, sample.axes, where=sample.mask))
+  """c(p) = #{valid x : key(x) <= p} per channel, float32 (exact < 2**24).
+
+  ``pivot`` lies in [-_INF_KEY, _INF_KEY] (NaNs never count).
+  """
+  p = jnp.expand_dims(pivot, sample.axes)
+
+  def by_key(_):
+    le = (_keys(sample) <= p).astype(jnp.float32)
+    return jnp.sum(le, sample.axes, where=sample.mask)
+
+  def by_float(_):
+    le = (_values(sample) <= key_to_float(p)).astype(jnp.float32)
+    return jnp.sum(le, sample.axes, where=sample.mask)
+
+  return sample.psum(lax.cond(_in_band(pivot), by_key, by_float, None))
 
 
 def _counts(sample: Sample, pivots: Array) -> Array:
@@ -226,47 +255,53 @@ def _counts(sample: Sample, pivots: Array) -> Array:
   )
 
 
-_ZERO_BAND = 0x00800000  # keys of denormals and zero: |key| < 2**23
-
-
-def _inside(sample: Sample, lo: Array, hi: Array) -> Array:
-  key = _keys(sample)
-  inside = (key > jnp.expand_dims(lo, sample.axes)) & (
-      key <= jnp.expand_dims(hi, sample.axes)
-  )
-  if sample.mask is not None:
-    inside = inside & sample.mask
-  return inside
-
-
 def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
   """Smallest (or largest) key in (lo, hi] per channel (hi / lo + 1 if none).
 
-  A float32 min/max (fast), exact unless the extreme lies among the
-  denormals and zeros, which XLA:CPU compares as equal (denormals-are-zero):
-  then the integer keys decide (slower, only on such data).
+  A float32 min/max, exact unless a bound or the result lies in the zero
+  band (see above): then the integer keys decide (slower; such data only).
   """
-  x = lax.stop_gradient(sample.x).astype(jnp.float32)
-  inside = _inside(sample, lo, hi)
-  if largest:
-    v = sample.pmax(jnp.max(jnp.where(inside, x, -jnp.inf), sample.axes))
-  else:
-    # NaN would win a float min: leave it out, and let +inf be ambiguous.
-    v = jnp.min(jnp.where(inside & (x == x), x, jnp.inf), sample.axes)
-    v = sample.pmin(v)
-  key = float_to_key(v)
+  lo_e = jnp.expand_dims(lo, sample.axes)
+  hi_e = jnp.expand_dims(hi, sample.axes)
 
-  def exact(_):
-    keys = _keys(sample)
+  def by_key(_):
+    key = _keys(sample)
+    inside = (key > lo_e) & (key <= hi_e)
+    if sample.mask is not None:
+      inside = inside & sample.mask
     if largest:
-      r = jnp.max(jnp.where(inside, keys, _MIN_KEY), sample.axes)
-      return sample.pmax(r)
-    return sample.pmin(jnp.min(jnp.where(inside, keys, _MAX_KEY), sample.axes))
+      return jnp.max(jnp.where(inside, key, _MIN_KEY), sample.axes)
+    return jnp.min(jnp.where(inside, key, _MAX_KEY), sample.axes)
 
-  ambiguous = jnp.abs(key) < _ZERO_BAND
+  def by_float(_):
+    x = _values(sample)
+    # lo below -inf / hi at NaN: no bound on that side.
+    above = (x > key_to_float(lo_e)) | (lo_e < -_INF_KEY)
+    if largest:
+      # NaN (the largest key) counts when hi admits it: max propagates it.
+      inside = above & ((x <= key_to_float(hi_e)) | (hi_e > _INF_KEY))
+    else:
+      # NaN would win a min: leave it out; +inf is then ambiguous (below).
+      inside = above & (x <= key_to_float(jnp.minimum(hi_e, _INF_KEY)))
+    if sample.mask is not None:
+      inside = inside & sample.mask
+    if largest:
+      v = jnp.max(jnp.where(inside, x, -jnp.inf), sample.axes)
+    else:
+      v = jnp.min(jnp.where(inside, x, jnp.inf), sample.axes)
+    return float_to_key(v)
+
+  def reduce(key):
+    return sample.pmax(key) if largest else sample.pmin(key)
+
+  bounds_in_band = _in_band(jnp.clip(lo, -_INF_KEY, _INF_KEY)) | _in_band(
+      jnp.clip(hi, -_INF_KEY, _INF_KEY)
+  )
+  key = reduce(lax.cond(bounds_in_band, by_key, by_float, None))
+  ambiguous = _in_band(key)
   if not largest:
-    ambiguous = ambiguous | (key == _INF_KEY)
-  key = lax.cond(jnp.any(ambiguous), exact, lambda _: key, None)
+    ambiguous = ambiguous | jnp.any(key == _INF_KEY)
+  key = lax.cond(ambiguous, lambda _: reduce(by_key(None)), lambda _: key, None)
   return jnp.clip(key, lo + 1, hi)
 
 
@@ -313,7 +348,8 @@ def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
   mid = lax.bitcast_convert_type(lo_u + width // 2, jnp.int32)
   piv = piv.at[..., -1].set(jnp.where(bisect, mid, piv[..., -1]))
   # Below lo + 1 or at hi a pivot tells nothing: keep them in [lo + 1, hi - 1].
-  return jnp.clip(piv, lo[..., None] + 1, hi[..., None] - 1)
+  piv = jnp.clip(piv, lo[..., None] + 1, hi[..., None] - 1)
+  return jnp.clip(piv, -_INF_KEY, _INF_KEY)
 
 
 def _select(sample: Sample, k: Array):
@@ -336,7 +372,7 @@ def _select(sample: Sample, k: Array):
   f = t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0])
   z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
   guess = mu[..., None] + sigma[..., None] * z
-  pivots = jnp.minimum(float_to_key(guess), _INF_KEY)
+  pivots = jnp.clip(float_to_key(guess), -_INF_KEY, _INF_KEY)
   lo = jnp.full(shape, _MIN_KEY, jnp.int32)
   hi = jnp.full(shape, _NAN_KEY, jnp.int32)
   lo, hi, c_lo, c_hi = _narrow(sample, k, lo, hi, jnp.zeros_like(n), n, pivots)
