@@ -16,8 +16,10 @@ Each float32 value maps to an int32 *key* that orders like the float:
 ``key = m`` for ``x >= 0`` and ``-m`` for ``x < 0`` with ``m`` the bits of
 ``|x|``, so ``-0.0`` and ``+0.0`` share key 0 (they compare equal, as in
 ``jnp.sort``) and every NaN gets the key after +inf (NaNs sort last, as in
-``jnp.sort``). Integer compares keep denormals exact (XLA:CPU compares
-floats with denormals-are-zero). Per channel the engine keeps a bracket of
+``jnp.sort``). Compares against a bound run on the floats where that is
+exact and on the integer keys where it is not (bounds among ±0 and the
+denormals, which XLA:CPU compares as zero), so denormals stay exact without
+an x-sized key array in the common case. Per channel the engine keeps a bracket of
 keys ``(lo, hi]`` with ``c(lo) < k <= c(hi)``, ``c(p) = #{valid x : key(x)
 <= p}``. A pass
 
@@ -204,9 +206,9 @@ def _device_mean(sample: Sample, v: Array) -> Array:
 # many per-channel pivots at once (a broadcast (N, C, P) comparison, or many
 # sibling sums fused into one multi-output reduction) ran 10-100x slower per
 # comparison than a single-output reduction, and integer reductions 4-8x
-# slower than float32 ones. So a pass counts two pivots (int compares, float32
-# sums: exact below 2**24 values per channel) and takes the bracket's extremes
-# with float32 min/max.
+# slower than float32 ones. So a pass counts two pivots (float32 sums: exact
+# below 2**24 values per channel) and takes the bracket's extremes with
+# float32 min/max.
 
 
 def _keys(sample: Sample) -> Array:
