@@ -53,9 +53,9 @@ empty channel gives 0.
 
 Gradient (SPEC §3): ``dx = g * [x == x_(k)] / #{x == x_(k)}`` -- ties share
 the unit of gradient, an allowed subgradient; without ties it is the sort's
-gradient exactly. It is attached with a ``jax.custom_vjp`` whose forward is
-free and whose backward is elementwise; residuals are ``x`` and per-channel
-values only. The cross-device part of the gradient goes through the same
+gradient exactly. It is attached with a ``jax.custom_jvp`` (so forward mode
+works too) whose primal is free and whose derivative is elementwise; the
+backward needs ``x`` and per-channel values only. The cross-device part of the gradient goes through the same
 ``psum`` as every other reduction of the sample, so ``pmap``/``shard_map``
 differentiate it as they differentiate the mean.
 
@@ -404,32 +404,32 @@ def _select(sample: Sample, k: Array):
 
 
 # --------------------------------------------------------------------------
-# Gradient: g * [x == q] / ties, attached through a free custom_vjp.
+# Gradient: g * [x == q] / ties, attached through a free custom_jvp.
 # --------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _tie_zeros(axes, x, q, inv_ties, valid):
-  """Zeros of x's shape whose vjp is g * [x == q] / ties (masked)."""
+  """Zeros of x's shape with derivative x_dot * [x == q] / ties (masked).
+
+  A ``custom_jvp`` (forward and reverse mode): the tangent map is
+  elementwise, so its transpose -- the backward pass -- is elementwise too,
+  and it needs only x and per-channel values.
+  """
   del q, inv_ties, valid
   return jnp.zeros_like(x)
 
 
-def _tie_zeros_fwd(axes, x, q, inv_ties, valid):
-  return jnp.zeros_like(x), (x, q, inv_ties, valid)
-
-
-def _tie_zeros_bwd(axes, res, g):
-  x, q, inv_ties, valid = res
+@_tie_zeros.defjvp
+def _tie_zeros_jvp(axes, primals, tangents):
+  x, q, inv_ties, valid = primals
+  x_dot = tangents[0]
   # Key equality, not float ==: CPUs may treat denormals as zero in compares.
   hit = float_to_key(x) == jnp.expand_dims(float_to_key(q), axes)
   if valid is not None:
     hit = hit & valid
   w = jnp.where(hit, jnp.expand_dims(inv_ties, axes), jnp.zeros_like(x))
-  return g * w, None, None, None
-
-
-_tie_zeros.defvjp(_tie_zeros_fwd, _tie_zeros_bwd)
+  return jnp.zeros_like(x), x_dot * w
 
 
 def _attach_gradient(sample: Sample, value: Array, ties: Array) -> Array:

@@ -205,6 +205,10 @@ def test_gradient_splits_ties():
       lambda y: O.kth_smallest_by_sort(Sample(y, (0,)), jnp.int32(2))[0]
   )(y)
   np.testing.assert_array_equal(g, ref)
+  # Forward mode too (custom_jvp): jacfwd equals the sort's.
+  fwd = jax.jacfwd(lambda y: O.quantile(Sample(y, (0,)), 0.5))(y)
+  ref = jax.jacfwd(lambda y: O.kth_smallest_by_sort(Sample(y, (0,)), jnp.int32(2)))(y)
+  np.testing.assert_array_equal(fwd, ref)
 
 
 def test_backward_is_elementwise_no_scatter_no_sort():
