@@ -222,6 +222,7 @@ def batch_statistics(
     use_fast_variance: bool = False,
     dtype: Any = None,
     force_float32_reductions: bool = True,
+    approximate: bool = False,
 ) -> tuple[Array, Array]:
   """Per-channel centering S(x) and deviation D(x) over ``axes``.
 
@@ -248,6 +249,8 @@ def batch_statistics(
       cancellation when |μ| >> σ (a constant channel can get D > 0).
       ``GeneralizedBatchNorm`` keeps Flax's default (True) for parity.
     dtype, force_float32_reductions: reduction precision, as in Flax.
+    approximate: quantiles from a strided subsample (faster, not exact; the
+      superquantile is then evaluated exactly at that point). Off by default.
 
   Returns:
     ``(center, dev)``, each of shape ``x.shape`` without ``axes``, in the
@@ -271,6 +274,7 @@ def batch_statistics(
       axis_index_groups=axis_index_groups,
       dtype=dtype,
       force_float32_reductions=force_float32_reductions,
+      approximate=approximate,
   )
   return measures(sample)
 

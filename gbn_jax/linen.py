@@ -66,6 +66,8 @@ class GeneralizedBatchNorm(module.Module):
       (meaningful at batch size 1); see :mod:`gbn_jax.online` for the update
       of each measure, its extra ``batch_stats`` and what is differentiated.
       ``mean``/``var`` then hold the online S and D^2 used for eval.
+    approximate: quantiles from a strided subsample, for speed (off by
+      default; the order statistics are then not exact).
   """
 
   use_running_average: bool | None = None
@@ -90,6 +92,7 @@ class GeneralizedBatchNorm(module.Module):
   weights: Sequence[float] | None = None
   gaussian_consistent: bool = False
   mode: str = "batch"
+  approximate: bool = False
 
   def __post_init__(self):
     # Fail when the layer is set up, not with a NaN many steps later.
@@ -97,6 +100,10 @@ class GeneralizedBatchNorm(module.Module):
     if self.mode == "online":
       online.init_state(self.measures(), ())  # ValueError if no online form
     self.measures()
+    if not isinstance(self.approximate, bool):
+      raise ValueError(
+          f"approximate must be True or False; got {self.approximate!r}"
+      )
     if self.axis_index_groups is not None and self.axis_name is None:
       raise ValueError(
           f"axis_index_groups={self.axis_index_groups!r} needs an axis_name;"
@@ -171,6 +178,7 @@ class GeneralizedBatchNorm(module.Module):
           ),
           dtype=self.dtype,
           force_float32_reductions=self.force_float32_reductions,
+          approximate=self.approximate,
       )
       if self.mode == "online":
         center, dev_sq = self._online_step(sample, online_vars)

@@ -1,4 +1,4 @@
-"""Exact order statistics of a :class:`~gbn_jax.sample.Sample`.
+"""Exact order statistics of a :class:`~gbn_jax.sample.Sample`, by counting.
 
 Everything the catalogue needs from the ordering of a sample goes through
 :func:`kth_smallest`; :func:`quantile` adds the rank rule of SPEC §2.
@@ -10,13 +10,69 @@ one device or many; counts are exact in float32 up to 2**24 values per
 channel. Where ``float32(alpha) * n`` lands within rounding of a whole number,
 that float32 product decides ``k`` (NumPy, in float64, may then differ by one).
 
-Implementation: this module is the engine that can be swapped. The reference
-engine here sorts each channel (gathering the other devices' values when an
-``axis_name`` is given). Its gradient is JAX's gradient of the sort: 1 at the
-selected element, 0 elsewhere (SPEC §3).
+The engine (selection by counting)
+----------------------------------
+Each float32 value maps to an int32 *key* that orders like the float:
+``key = m`` for ``x >= 0`` and ``-m`` for ``x < 0`` with ``m`` the bits of
+``|x|``, so ``-0.0`` and ``+0.0`` share key 0 (they compare equal, as in
+``jnp.sort``) and every NaN gets the key after +inf (NaNs sort last, as in
+``jnp.sort``). Compares against a bound run on the floats where that is
+exact and on the integer keys where it is not (bounds among ±0 and the
+denormals, which XLA:CPU compares as zero), so denormals stay exact without
+an x-sized key array in the common case. Per channel the engine keeps a bracket of
+keys ``(lo, hi]`` with ``c(lo) < k <= c(hi)``, ``c(p) = #{valid x : key(x)
+<= p}``. A pass
+
+1. counts the values at two per-channel pivots (a masked sum each,
+   ``psum``-ed over the devices of ``axis_name``) and keeps the pivots next
+   to rank ``k`` as the new bracket;
+2. pulls both ends in to actual data: the smallest and the largest value in
+   the bracket (``pmin``/``pmax``). No count changes, and when the two are
+   equal the bracket holds one distinct value: that is ``x_(k)``, and
+   ``c(hi) - c(lo)`` is the number of values tied with it.
+
+The pivots of the first pass are where a normal fit (the sample's mean and
+standard deviation) puts the quantiles at ``t ∓ spread``; afterwards they are
+placed by linear interpolation of the rank between the bracket's smallest and
+largest value, ``±(sqrt(m)/2 + 1/2)`` ranks around the target (``m`` values
+in the bracket) -- fast on smooth data. From pass ``BISECT_AFTER`` on, one
+pivot halves the bracket's key range instead, which bounds the passes on any
+data (:func:`max_passes`). The loop (``lax.while_loop``) stops when every
+channel's bracket holds one distinct value.
+
+No pass gathers activations: communication per call is
+``O(channels x passes)``. Under ``jit`` with a sharded batch (no
+``axis_name``) XLA inserts the same reductions.
+
+Result on special data: exactly ``jnp.sort(valid values)[k - 1]`` -- ties,
+±inf, denormals and masks included; ``-0.0`` comes back as ``+0.0``. A NaN
+sorts after ``+inf``, so in a channel with ``j`` NaNs, ``x_(k)`` is NaN
+exactly when ``k > n - j`` (and every deviation of that channel is NaN
+anyway). Channels never interact: a NaN changes only its own channel. An
+empty channel gives 0.
+
+Gradient (SPEC §3): ``dx = g * [x == x_(k)] / #{x == x_(k)}`` -- ties share
+the unit of gradient, an allowed subgradient; without ties it is the sort's
+gradient exactly. It is attached with a ``jax.custom_jvp`` (so forward mode
+works too) whose primal is free and whose derivative is elementwise; the
+backward needs ``x`` and per-channel values only. The cross-device part of the gradient goes through the same
+``psum`` as every other reduction of the sample, so ``pmap``/``shard_map``
+differentiate it as they differentiate the mean.
+
+Approximate mode (``Sample(approximate=True)``): ``q_α`` is the quantile of a
+strided subsample of at most :data:`APPROX_SUBSAMPLE_SIZE` values per channel
+(averaged over devices), and the superquantile is then evaluated exactly at
+that point by the Rockafellar–Uryasev formula
+``q + Σ[x - q]_+ / ((1 - α) n)``, which is >= the exact ``q̄_α``; the error
+is second order in the quantile's error (rank standard error
+``sqrt(α(1-α)/m)``, m the subsample size). Not exact, and under ``pmap`` not
+equal to the one-device value on the concatenated batch.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +81,31 @@ from jax import lax
 from gbn_jax.sample import Sample
 
 Array = jax.Array
+
+P_INTERP = 2
+"""Pivots placed by rank interpolation in each pass (besides ``lo + 1``)."""
+
+SPREAD = 0.05
+"""First-pass pivots: quantile levels t ∓ SPREAD sqrt(t (1 - t)) of a normal fit."""
+
+HALF = 0.5
+"""Later pivots: ranks ±(HALF sqrt(m) + 1/2) around the target (m in bracket)."""
+
+BISECT_AFTER = 6
+"""From this pass on, the last pivot halves the key range (worst-case bound)."""
+
+APPROX_SUBSAMPLE_SIZE = 256
+"""Values per channel (per device) in the approximate mode's subsample."""
+
+_MAX_KEY = 2**31 - 1
+_MIN_KEY = -(2**31)  # below every key
+_INF_KEY = 0x7F800000  # key of +inf; -inf has -_INF_KEY
+_NAN_KEY = _INF_KEY + 1  # every NaN: after +inf, as jnp.sort puts it
+
+
+# --------------------------------------------------------------------------
+# Rank rule.
+# --------------------------------------------------------------------------
 
 
 def quantile_rank(alpha: float, n: Array) -> Array:
@@ -35,6 +116,45 @@ def quantile_rank(alpha: float, n: Array) -> Array:
   return k.astype(jnp.int32)
 
 
+# --------------------------------------------------------------------------
+# Order-preserving keys.
+# --------------------------------------------------------------------------
+
+
+def float_to_key(x: Array) -> Array:
+  """int32 key ordering like float32 ``x``: ±0 -> 0, every NaN -> after +inf.
+
+  Integer compares also keep denormals exact where the CPU's float compares
+  treat them as zero.
+  """
+  b = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  m = b & 0x7FFFFFFF
+  key = jnp.where(b < 0, -m, m)
+  return jnp.where(m > _INF_KEY, _NAN_KEY, key)
+
+
+def key_to_float(key: Array) -> Array:
+  """Inverse of :func:`float_to_key` (key 0 -> +0.0; out-of-range keys clip)."""
+  key = jnp.clip(key, -_INF_KEY, _NAN_KEY)
+  b = jnp.where(key < 0, (-key) | jnp.int32(_MIN_KEY), key)
+  return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def max_passes() -> int:
+  """Worst-case number of passes of :func:`_select`.
+
+  Every pass after the first excludes at least the smallest distinct value
+  of the bracket, and from pass ``BISECT_AFTER`` on it also halves the key
+  range (at most 2**32 keys): 1 + BISECT_AFTER + 33 passes at most.
+  """
+  return 1 + BISECT_AFTER + 33
+
+
+# --------------------------------------------------------------------------
+# Sample plumbing.
+# --------------------------------------------------------------------------
+
+
 def _channels_last(sample: Sample, values: Array) -> Array:
   """Move the reduction axes to the end and flatten them: (*channels, m)."""
   keep = [i for i in range(values.ndim) if i not in sample.axes]
@@ -42,11 +162,361 @@ def _channels_last(sample: Sample, values: Array) -> Array:
   return values.reshape(sample.channel_shape + (-1,))
 
 
+def _reduction_first(sample: Sample, values: Array) -> Array:
+  """Move the reduction axes to the front and flatten them: (m, *channels).
+
+  Free (a reshape) for channels-last layouts such as NHWC.
+  """
+  lead = list(sample.axes)
+  rest = [i for i in range(values.ndim) if i not in sample.axes]
+  if lead + rest != list(range(values.ndim)):
+    values = jnp.transpose(values, lead + rest)
+  return values.reshape((-1,) + sample.channel_shape)
+
+
+def _subsample(sample: Sample, size: int):
+  """A strided subsample of at most ``size`` slots per channel (local).
+
+  Returns ``(values, valid)`` of shape ``(m, *channels)``; ``valid`` is None
+  without a mask. Strided over the flattened reduction axes, so it spreads
+  over the batch and the spatial positions.
+  """
+  x = _reduction_first(sample, sample.x)
+  stride = max(1, -(-x.shape[0] // size))
+  x = x[::stride]
+  valid = None
+  if sample.mask is not None:
+    valid = _reduction_first(sample, sample.mask)[::stride]
+  return x, valid
+
+
+def _device_mean(sample: Sample, v: Array) -> Array:
+  """Mean over the devices of the group (identical pivots on every device)."""
+  if sample.axis_name is None:
+    return v
+  ones = sample.psum(jnp.ones((), v.dtype))
+  return sample.psum(v) / ones
+
+
+# --------------------------------------------------------------------------
+# The selection loop.
+# --------------------------------------------------------------------------
+#
+# XLA:CPU notes (measured, see BENCHMARKS.md): a fusion comparing x with
+# many per-channel pivots at once (a broadcast (N, C, P) comparison, or many
+# sibling sums fused into one multi-output reduction) ran 10-100x slower per
+# comparison than a single-output reduction, and integer reductions 4-8x
+# slower than float32 ones. So a pass counts two pivots (float32 sums: exact
+# below 2**24 values per channel) and takes the bracket's extremes with
+# float32 min/max.
+
+
+def _keys(sample: Sample) -> Array:
+  return float_to_key(lax.stop_gradient(sample.x))
+
+
+def _values(sample: Sample) -> Array:
+  return lax.stop_gradient(sample.x).astype(jnp.float32)
+
+
+# Keys with |key| < 2**23 are ±0 and the denormals. XLA:CPU compares floats
+# with denormals-are-zero, so a float compare against a bound in that band
+# can be wrong; against any other bound (normal or ±inf) it is exact (a
+# denormal read as ±0 lies on the same side of it). The fast paths below
+# compare floats -- no x-sized key array -- and fall back to the integer keys
+# when a bound or result lies in the band.
+_ZERO_BAND = 0x00800000
+
+
+def _in_band(key: Array) -> Array:
+  return jnp.any(jnp.abs(key) < _ZERO_BAND)
+
+
+def _count_le(sample: Sample, pivot: Array) -> Array:
+  """c(p) = #{valid x : key(x) <= p} per channel, float32 (exact < 2**24).
+
+  ``pivot`` lies in [-_INF_KEY, _INF_KEY] (NaNs never count).
+  """
+  p = jnp.expand_dims(pivot, sample.axes)
+
+  def by_key(_):
+    le = (_keys(sample) <= p).astype(jnp.float32)
+    return jnp.sum(le, sample.axes, where=sample.mask)
+
+  def by_float(_):
+    le = (_values(sample) <= key_to_float(p)).astype(jnp.float32)
+    return jnp.sum(le, sample.axes, where=sample.mask)
+
+  return sample.psum(lax.cond(_in_band(pivot), by_key, by_float, None))
+
+
+def _counts(sample: Sample, pivots: Array) -> Array:
+  """c(p_j) for pivots (*C, P), P small."""
+  return jnp.stack(
+      [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])], -1
+  )
+
+
+def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
+  """Smallest (or largest) key in (lo, hi] per channel (hi / lo + 1 if none).
+
+  A float32 min/max, exact unless a bound or the result lies in the zero
+  band (see above): then the integer keys decide (slower; such data only).
+  """
+  lo_e = jnp.expand_dims(lo, sample.axes)
+  hi_e = jnp.expand_dims(hi, sample.axes)
+
+  def by_key(_):
+    key = _keys(sample)
+    inside = (key > lo_e) & (key <= hi_e)
+    if sample.mask is not None:
+      inside = inside & sample.mask
+    if largest:
+      return jnp.max(jnp.where(inside, key, _MIN_KEY), sample.axes)
+    return jnp.min(jnp.where(inside, key, _MAX_KEY), sample.axes)
+
+  def by_float(_):
+    x = _values(sample)
+    # lo below -inf / hi at NaN: no bound on that side.
+    above = (x > key_to_float(lo_e)) | (lo_e < -_INF_KEY)
+    if largest:
+      # NaN (the largest key) counts when hi admits it: max propagates it.
+      inside = above & ((x <= key_to_float(hi_e)) | (hi_e > _INF_KEY))
+    else:
+      # NaN would win a min: leave it out; +inf is then ambiguous (below).
+      inside = above & (x <= key_to_float(jnp.minimum(hi_e, _INF_KEY)))
+    if sample.mask is not None:
+      inside = inside & sample.mask
+    if largest:
+      v = jnp.max(jnp.where(inside, x, -jnp.inf), sample.axes)
+    else:
+      v = jnp.min(jnp.where(inside, x, jnp.inf), sample.axes)
+    return float_to_key(v)
+
+  def reduce(key):
+    return sample.pmax(key) if largest else sample.pmin(key)
+
+  bounds_in_band = _in_band(jnp.clip(lo, -_INF_KEY, _INF_KEY)) | _in_band(
+      jnp.clip(hi, -_INF_KEY, _INF_KEY)
+  )
+  key = reduce(lax.cond(bounds_in_band, by_key, by_float, None))
+  ambiguous = _in_band(key)
+  if not largest:
+    ambiguous = ambiguous | jnp.any(key == _INF_KEY)
+  key = lax.cond(ambiguous, lambda _: reduce(by_key(None)), lambda _: key, None)
+  return jnp.clip(key, lo + 1, hi)
+
+
+def _narrow(sample, k, lo, hi, c_lo, c_hi, pivots):
+  """Counts at the pivots; the pivots next to rank k; ends pulled to data.
+
+  Returns (lo, hi, c_lo, c_hi, mn, mx) with mn, mx the smallest and largest
+  key in the new (lo, hi]: no valid key lies in (lo, mn) or (mx, hi], so
+  c(mn - 1) = c(lo) and c(mx) = c(hi). ``mn == mx`` ends the search.
+  """
+  counts = _counts(sample, pivots)
+  below = counts < k[..., None]
+  lo_new = jnp.max(jnp.where(below, pivots, _MIN_KEY), -1)
+  c_lo_new = jnp.max(jnp.where(below, counts, -1.0), -1)
+  hi_new = jnp.min(jnp.where(below, _MAX_KEY, pivots), -1)
+  c_hi_new = jnp.min(jnp.where(below, jnp.inf, counts), -1)
+  take_lo = lo_new > lo
+  lo, c_lo = jnp.where(take_lo, lo_new, lo), jnp.where(take_lo, c_lo_new, c_lo)
+  take_hi = hi_new < hi
+  hi, c_hi = jnp.where(take_hi, hi_new, hi), jnp.where(take_hi, c_hi_new, c_hi)
+  mn = _extreme_in(sample, lo, hi, largest=False)
+  mx = _extreme_in(sample, lo, hi, largest=True)
+  return mn - 1, mx, c_lo, c_hi
+
+
+def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
+  """P_INTERP keys by rank interpolation between the bracket's smallest and
+  largest value (the last one: the key midpoint when ``bisect``)."""
+  finite = _INF_KEY - 1
+  a = key_to_float(jnp.clip(lo + 1, -finite, finite))  # the bracket's minimum
+  b = key_to_float(jnp.clip(hi, -finite, finite))  # and maximum
+  m = jnp.maximum(c_hi - c_lo, 1.0)
+  # Ranks inside the bracket: value a is rank 1 ... value b is rank m.
+  r = k - c_lo
+  # ±(0.5 sqrt(m) + 0.5): about one standard deviation of the rank of an
+  # interpolated value, so the target usually falls between the pivots.
+  half = HALF * jnp.sqrt(m) + 0.5
+  j = jnp.linspace(-1.0, 1.0, P_INTERP, dtype=jnp.float32)
+  f = (r[..., None] + half[..., None] * j - 1.0) / jnp.maximum(m - 1.0, 1.0)[..., None]
+  v = a[..., None] + (b - a)[..., None] * jnp.clip(f, 0.0, 1.0)
+  piv = float_to_key(v)
+  lo_u = lax.bitcast_convert_type(lo, jnp.uint32)
+  width = lax.bitcast_convert_type(hi, jnp.uint32) - lo_u
+  mid = lax.bitcast_convert_type(lo_u + width // 2, jnp.int32)
+  piv = piv.at[..., -1].set(jnp.where(bisect, mid, piv[..., -1]))
+  # Below lo + 1 or at hi a pivot tells nothing: keep them in [lo + 1, hi - 1].
+  piv = jnp.clip(piv, lo[..., None] + 1, hi[..., None] - 1)
+  return jnp.clip(piv, -_INF_KEY, _INF_KEY)
+
+
+def _select(sample: Sample, k: Array):
+  """(value of x_(k), ties #{x == x_(k)}, passes) per channel; no gradient."""
+  shape = sample.channel_shape
+  n = sample.count().astype(jnp.float32)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape).astype(jnp.float32)
+  empty = n == 0
+
+  # First pass: where a normal fit with the sample's mean and standard
+  # deviation puts the quantiles t -/+ spread (t = (k - 1/2) / n). Only a
+  # guess -- the counts decide -- but two cheap fused sums, no sort, and
+  # nothing that depends on how the batch is laid out over devices.
+  x = lax.stop_gradient(sample.x).astype(jnp.float32)
+  mu = lax.stop_gradient(sample.mean()).astype(jnp.float32)
+  var = sample.average(jnp.square(x - jnp.expand_dims(mu, sample.axes)))
+  sigma = jnp.sqrt(jnp.maximum(var, 0.0))
+  t = (k - 0.5) / jnp.maximum(n, 1.0)
+  spread = SPREAD * jnp.sqrt(t * (1 - t)) + 0.5 / jnp.maximum(n, 1.0)
+  f = t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0])
+  z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
+  guess = mu[..., None] + sigma[..., None] * z
+  pivots = jnp.clip(float_to_key(guess), -_INF_KEY, _INF_KEY)
+  lo = jnp.full(shape, _MIN_KEY, jnp.int32)
+  hi = jnp.full(shape, _NAN_KEY, jnp.int32)
+  lo, hi, c_lo, c_hi = _narrow(sample, k, lo, hi, jnp.zeros_like(n), n, pivots)
+  # An empty channel: bracket (-1, 0] -> value 0.
+  lo = jnp.where(empty, -1, lo)
+  hi = jnp.where(empty, 0, hi)
+  c_lo = jnp.where(empty, 0.0, c_lo)
+  c_hi = jnp.where(empty, 0.0, c_hi)
+
+  limit = max_passes()
+
+  def cond(state):
+    lo, hi, _, _, i = state
+    return jnp.any(lo + 1 != hi) & (i < limit)
+
+  def body(state):
+    lo, hi, c_lo, c_hi, i = state
+    pivots = _next_pivots(k, lo, hi, c_lo, c_hi, i >= BISECT_AFTER)
+    lo, hi, c_lo, c_hi = _narrow(sample, k, lo, hi, c_lo, c_hi, pivots)
+    return lo, hi, c_lo, c_hi, i + 1
+
+  lo, hi, c_lo, c_hi, passes = lax.while_loop(
+      cond, body, (lo, hi, c_lo, c_hi, jnp.int32(1))
+  )
+  value = key_to_float(hi).astype(sample.x.dtype)
+  return value, c_hi - c_lo, passes
+
+
+# --------------------------------------------------------------------------
+# Gradient: g * [x == q] / ties, attached through a free custom_jvp.
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _tie_zeros(axes, x, q, inv_ties, valid):
+  """Zeros of x's shape with derivative x_dot * [x == q] / ties (masked).
+
+  A ``custom_jvp`` (forward and reverse mode): the tangent map is
+  elementwise, so its transpose -- the backward pass -- is elementwise too,
+  and it needs only x and per-channel values.
+  """
+  del q, inv_ties, valid
+  return jnp.zeros_like(x)
+
+
+@_tie_zeros.defjvp
+def _tie_zeros_jvp(axes, primals, tangents):
+  x, q, inv_ties, valid = primals
+  x_dot = tangents[0]
+  # Key equality, not float ==: CPUs may treat denormals as zero in compares.
+  hit = float_to_key(x) == jnp.expand_dims(float_to_key(q), axes)
+  if valid is not None:
+    hit = hit & valid
+  w = jnp.where(hit, jnp.expand_dims(inv_ties, axes), jnp.zeros_like(x))
+  return jnp.zeros_like(x), x_dot * w
+
+
+def _attach_gradient(sample: Sample, value: Array, ties: Array) -> Array:
+  """value + Σ_i zeros_i: equal to ``value``; gradient of x_(k) w.r.t. x.
+
+  The sum is a reduction of the sample like any other (it ``psum``s across
+  devices), so the devices' cotangents meet the way they meet for the mean.
+  """
+  inv = (1.0 / jnp.maximum(ties, 1)).astype(sample.x.dtype)
+  zeros = _tie_zeros(
+      sample.axes, sample.x, lax.stop_gradient(value), lax.stop_gradient(inv),
+      sample.mask,
+  )
+  return lax.stop_gradient(value) + sample.sum(zeros)
+
+
+# --------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------
+
+
+def _use_engine(sample: Sample) -> bool:
+  # Keys are float32 bits; half precision is exact in float32; float64
+  # (x64 mode) falls back to the sort.
+  return jnp.dtype(sample.x.dtype).itemsize <= 4
+
+
+def kth_smallest(sample: Sample, k: Array) -> Array:
+  """x_(k): the k-th smallest valid value of each channel (1-based ``k``).
+
+  ``k`` (int32, channel shape) lies in [1, n]; an empty channel gives 0.
+  Exact (equal to the sort's value); gradient ``g [x == x_(k)] / #ties``.
+  """
+  if not _use_engine(sample):
+    return kth_smallest_by_sort(sample, k)
+  value, ties, _ = _select(sample, k)
+  return _attach_gradient(sample, value, ties)
+
+
+def selection_passes(sample: Sample, k: Array) -> Array:
+  """How many counting passes the engine takes for this sample and rank."""
+  return _select(sample, k)[2]
+
+
+def approximate_quantile(sample: Sample, alpha: float) -> Array:
+  """q_α of a strided subsample (<= APPROX_SUBSAMPLE_SIZE per channel/device).
+
+  The subsample's ``ceil(α m)``-th smallest valid value (found by the same
+  counting engine, on the small subsample), averaged over the devices of the
+  group; gradient 1 at the selected subsample element(s) (shared among
+  ties), divided among devices by the average. A channel whose subsample has
+  no valid value gives 0.
+  """
+  x, valid = _subsample(sample, APPROX_SUBSAMPLE_SIZE)
+  sub = Sample(x, (0,), mask=valid)  # local: the average pools devices
+  q = kth_smallest(sub, quantile_rank(alpha, sub.count()))
+  return _device_mean(sample, q)
+
+
+def quantile(sample: Sample, alpha: float) -> Array:
+  """q_alpha = x_(k), k = ceil(alpha n) clipped to [1, n] (memoised per alpha).
+
+  With ``sample.approximate`` the subsample estimate of
+  :func:`approximate_quantile` instead.
+  """
+  if getattr(sample, "approximate", False):
+    return sample.memo(
+        ("approx_quantile", float(alpha)),
+        lambda: approximate_quantile(sample, alpha),
+    )
+  return sample.memo(
+      ("quantile", float(alpha)),
+      lambda: kth_smallest(sample, quantile_rank(alpha, sample.count())),
+  )
+
+
+# --------------------------------------------------------------------------
+# Sort-based reference (tests, float64 fallback).
+# --------------------------------------------------------------------------
+
+
 def sorted_values(sample: Sample) -> Array:
   """Each channel's valid values in ascending order, padded with +inf.
 
   Shape ``(*channel_shape, m)`` with ``m`` the pooled number of slots; the
-  first ``n`` entries of a channel are its valid values (all devices).
+  first ``n`` entries of a channel are its valid values (all devices; this
+  gathers them -- the reference, not the engine).
   """
 
   def compute():
@@ -67,22 +537,11 @@ def sorted_values(sample: Sample) -> Array:
   return sample.memo("sorted", compute)
 
 
-def kth_smallest(sample: Sample, k: Array) -> Array:
-  """x_(k): the k-th smallest valid value of each channel (1-based ``k``).
-
-  ``k`` has the channel shape and lies in [1, n]; an empty channel gives 0.
-  """
+def kth_smallest_by_sort(sample: Sample, k: Array) -> Array:
+  """Reference x_(k) by sorting (JAX's gradient: 1 at the selected element)."""
   s = sorted_values(sample)
   idx = jnp.broadcast_to(jnp.asarray(k, jnp.int32) - 1, sample.channel_shape)
   v = jnp.take_along_axis(s, idx[..., None], axis=-1)[..., 0]
   if sample.mask is not None:
     v = jnp.where(sample.count() > 0, v, jnp.zeros_like(v))
   return v
-
-
-def quantile(sample: Sample, alpha: float) -> Array:
-  """q_alpha = x_(k), k = ceil(alpha n) clipped to [1, n] (memoised per alpha)."""
-  return sample.memo(
-      ("quantile", float(alpha)),
-      lambda: kth_smallest(sample, quantile_rank(alpha, sample.count())),
-  )

@@ -61,6 +61,8 @@ class Sample:
     mask: ``None`` or a boolean array of ``x.shape`` (True = counts).
     axis_name: named axis whose devices pool their values (pmap / shard_map).
     axis_index_groups: optional groups of that axis, as in ``lax.psum``.
+    approximate: quantiles from a strided subsample instead of exactly (an
+      opt-in for speed; see ``order_statistics.approximate_quantile``).
   """
 
   def __init__(
@@ -73,8 +75,13 @@ class Sample:
       axis_index_groups: Any = None,
       dtype: Any = None,
       force_float32_reductions: bool = True,
+      approximate: bool = False,
   ):
     x = jnp.asarray(x)
+    if not isinstance(approximate, bool):
+      raise ValueError(
+          f"approximate must be True or False; got {approximate!r}"
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(
           f"gbn_jax normalizes floating-point input; got dtype {x.dtype}."
@@ -102,6 +109,8 @@ class Sample:
     self.mask = mask
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
+    # Quantiles from a subsample (order_statistics.approximate_quantile).
+    self.approximate = approximate
     self.channel_shape = tuple(
         d for i, d in enumerate(x.shape) if i not in self.axes
     )
