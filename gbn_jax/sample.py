@@ -40,6 +40,20 @@ def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
+def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
+  """clip(raw, lo, hi) in value, the gradient of ``raw`` (a rounding guard).
+
+  For bounds that hold in exact arithmetic (lo <= mean <= hi, D >= 0) but can
+  fail by an ulp in float32: a constant channel then gets its mean exactly
+  (so D = 0 exactly and the output is beta), while gradients stay those of the
+  unclipped formula. A non-finite ``raw`` (the sum overflowed, or ±inf data)
+  gives the clipped value itself; NaN stays NaN.
+  """
+  clipped = jnp.clip(raw, lo, hi)
+  guarded = raw + lax.stop_gradient(clipped - raw)
+  return jnp.where(jnp.isfinite(raw), guarded, clipped)
+
+
 def reduction_dtype(x_dtype, dtype=None, force_float32: bool = True):
   """The dtype statistics are computed in: at least float32, as in Flax."""
   dtype = x_dtype if dtype is None else dtype
@@ -157,12 +171,23 @@ class Sample:
     return jnp.maximum(self.count(), 1)
 
   def average(self, values: Array) -> Array:
-    """(1/n) Σ values over the valid values (0 for an empty channel)."""
-    return self.sum(values) / self.safe_count()
+    """(1/n) Σ values over the valid values (0 for an empty channel).
+
+    Summed as Σ (values / n), so the average of finite values never
+    overflows, even near the float32 limits (Σ values / n could).
+    """
+    return self.sum(values * self.expand(1.0 / self.safe_count()))
 
   def mean(self) -> Array:
-    """μ, the sample mean."""
-    return self.memo("mean", lambda: self.average(self.x))
+    """μ, the sample mean, (1/n) Σ x_i, kept inside [min, max].
+
+    The clip only corrects rounding (a constant channel's float32 sum / n can
+    miss the constant by an ulp); see :func:`clip_value`.
+    """
+    return self.memo(
+        "mean",
+        lambda: clip_value(self.average(self.x), self.min(), self.max()),
+    )
 
   def max(self) -> Array:
     """Largest valid value (0 for an empty channel)."""
