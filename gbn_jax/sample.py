@@ -47,11 +47,13 @@ def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
   fail by an ulp in float32: a constant channel then gets its mean exactly
   (so D = 0 exactly and the output is beta), while gradients stay those of the
   unclipped formula. A non-finite ``raw`` (the sum overflowed, or ±inf data)
-  gives the clipped value itself; NaN stays NaN.
+  gives the clipped value itself (lo when lo == hi: a constant channel's
+  E[x²] - μ² may be inf - inf); NaN data stays NaN.
   """
   clipped = jnp.clip(raw, lo, hi)
   guarded = raw + lax.stop_gradient(clipped - raw)
-  return jnp.where(jnp.isfinite(raw), guarded, clipped)
+  fallback = jnp.where(lo == hi, lo, clipped)
+  return jnp.where(jnp.isfinite(raw), guarded, fallback)
 
 
 def reduction_dtype(x_dtype, dtype=None, force_float32: bool = True):
