@@ -112,7 +112,7 @@ def batch_statistics(x, axes, *, statistic_name=None, deviation_name,
                      mask=None, gaussian_consistent=False, **params):
   """(S, D) per channel, float64, shapes x.shape without axes."""
   x = np.asarray(x, np.float64)
-  axes = tuple(sorted(a % x.ndim for a in axes))
+  axes = tuple(sorted({a % x.ndim for a in axes}))
   keep = [i for i in range(x.ndim) if i not in axes]
   m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
   xt = np.transpose(x, keep + list(axes)).reshape([x.shape[i] for i in keep] + [-1])
