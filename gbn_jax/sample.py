@@ -113,6 +113,11 @@ class Sample:
             f" shape {x.shape}"
         ) from None
     self.mask = mask
+    if mask is not None:
+      # Masked-out slots may hold padding (NaN, ±inf): zero them once, so no
+      # term such as |x - μ|**p ever sees them -- the where-sums would drop
+      # them in value, but 0 * inf = NaN would leak into the gradients.
+      self.x = jnp.where(mask, self.x, jnp.zeros_like(self.x))
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.channel_shape = tuple(

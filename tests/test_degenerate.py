@@ -276,3 +276,12 @@ def test_masked_out_inf_and_nan_change_nothing(deviation):
   ya, yb = np.asarray(a[2]), np.asarray(b[2])
   np.testing.assert_array_equal(ya[mask], yb[mask])
   assert np.isfinite(ya[mask]).all()
+  # and the gradients of the valid values (0 * inf must not leak as NaN)
+  w = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+
+  def loss(v):  # through S and D (the outputs at the padding are inf/NaN)
+    s, d, _ = _layer(v, deviation, None, jnp.asarray(mask))
+    return jnp.sum(s * w[0]) + jnp.sum(d * w[1])
+
+  ga, gb = jax.grad(loss)(jnp.asarray(dirty)), jax.grad(loss)(jnp.asarray(zeroed))
+  np.testing.assert_array_equal(np.asarray(ga)[mask], np.asarray(gb)[mask])
