@@ -50,8 +50,10 @@ def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
   gives the clipped value itself (lo when lo == hi: a constant channel's
   E[x²] - μ² may be inf - inf); NaN data stays NaN.
   """
-  clipped = jnp.clip(raw, lo, hi)
-  guarded = raw + lax.stop_gradient(clipped - raw)
+  # No gradient through the bounds: the backward pass costs nothing extra.
+  lo, hi, fixed = map(lax.stop_gradient, (lo, hi, raw))
+  clipped = jnp.clip(fixed, lo, hi)
+  guarded = raw + (clipped - fixed)
   fallback = jnp.where(lo == hi, lo, clipped)
   return jnp.where(jnp.isfinite(raw), guarded, fallback)
 
