@@ -17,6 +17,7 @@ Budget: ``max_examples=N_EXAMPLES`` (un-jitted; shapes from a small set).
 import math
 
 import hypothesis.extra.numpy as hnp
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,6 +29,11 @@ from gbn_jax import batch_statistics, normalize
 from tests import _ref_reliability as ref
 
 N_EXAMPLES = 60
+# jitted with the configuration static (an un-jitted call would re-compile
+# any lax.while_loop of the selection engine on every call)
+_STATIC = ("axes", "statistic", "deviation", "alpha", "p", "levels", "weights",
+           "gaussian_consistent")
+_stats = jax.jit(batch_statistics, static_argnames=_STATIC)
 DEVS = sorted(gbn_jax.DEVIATIONS)
 STATS = sorted(gbn_jax.STATISTICS)
 SHAPES = [(10, 3), (3, 4, 2), (2, 2, 3, 2)]
@@ -187,7 +193,7 @@ def test_fuzz_functional_api(case):
     # the message names what was wrong (some bad value or name is quoted)
     assert len(str(info.value)) > 20
     return
-  s, d = batch_statistics(xd, axes=cfg["axes"], mask=mask, **kwargs)
+  s, d = _stats(xd, axes=cfg["axes"], mask=mask, **kwargs)
   s, d = np.asarray(s), np.asarray(d)
   assert s.dtype == d.dtype == np.float32  # half precision reduces in float32
   assert np.isfinite(s).all() and np.isfinite(d).all()
