@@ -18,6 +18,7 @@ channel never produces a NaN gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics as _pystats
 from collections.abc import Sequence
@@ -26,16 +27,19 @@ import jax
 import jax.numpy as jnp
 
 from gbn_jax import order_statistics
-from gbn_jax.sample import Sample
+from gbn_jax.sample import Sample, clip_value
 
 Array = jax.Array
 
 
 def _safe_root(m: Array, power: float) -> Array:
-  """m ** power for m >= 0, with gradient 0 (not inf/NaN) at m = 0."""
+  """m ** power for m >= 0, with gradient 0 (not inf/NaN) at m = 0.
+
+  NaN stays NaN (m * 0): a NaN channel must not come out with D = 0.
+  """
   positive = m > 0
   safe = jnp.where(positive, m, jnp.ones_like(m))
-  return jnp.where(positive, safe**power, jnp.zeros_like(m))
+  return jnp.where(positive, safe**power, m * 0)
 
 
 # --------------------------------------------------------------------------
@@ -59,17 +63,27 @@ def median(sample: Sample) -> Array:
 
 
 def midrange(sample: Sample) -> Array:
-  """(max_i x_i + min_i x_i) / 2."""
-  return (sample.max() + sample.min()) / 2
+  """(max_i x_i + min_i x_i) / 2.
+
+  Computed as max/2 + min/2 (no overflow near the float32 limits) and kept
+  in [min, max] (exact for a constant channel, subnormals included).
+  """
+  lo, hi = sample.min(), sample.max()
+  return clip_value(hi / 2 + lo / 2, lo, hi)
 
 
 def mixed_quantile(
     sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
 ) -> Array:
-  """Σ_j λ_j q_{α_j}: natural statistic of the mixed superquantile deviation."""
-  return sum(
-      w * order_statistics.quantile(sample, a) for a, w in zip(levels, weights)
-  )
+  """Σ_j λ_j q_{α_j}: natural statistic of the mixed superquantile deviation.
+
+  Kept in [min_j q_{α_j}, max_j q_{α_j}] (the weights sum to 1 only within
+  rounding; a constant channel must get its constant exactly).
+  """
+  qs = [order_statistics.quantile(sample, a) for a in levels]
+  raw = sum(w * q for q, w in zip(qs, weights))
+  return clip_value(raw, functools.reduce(jnp.minimum, qs),
+                    functools.reduce(jnp.maximum, qs))
 
 
 # --------------------------------------------------------------------------
@@ -92,8 +106,12 @@ def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
   def compute():
     mu = sample.mean()
     if fast_variance:
-      return jnp.maximum(0.0, sample.average(jnp.square(sample.x)) - mu**2)
-    return sample.average(jnp.square(sample.x - sample.expand(mu)))
+      raw = sample.average(jnp.square(sample.x)) - mu**2
+    else:
+      raw = sample.average(jnp.square(sample.x - sample.expand(mu)))
+    # 0 <= σ^2 <= (half range)^2 (Popoviciu): exact in real arithmetic, so
+    # the clip only removes rounding -- E[x²] - μ² of a constant is 0 exactly.
+    return clip_value(raw, 0.0, jnp.square(half_range(sample)))
 
   return sample.memo(("variance", fast_variance), compute)
 
@@ -139,7 +157,8 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
   def compute():
     q = order_statistics.quantile(sample, alpha)
     excess = jnp.maximum(sample.x - sample.expand(q), 0.0)
-    tail = sample.sum(excess) / ((1.0 - jnp.float32(alpha)) * sample.safe_count())
+    # average, then / (1 - α): finite as q̄_α - q_α <= max - q_α is.
+    tail = sample.average(excess) / (1.0 - jnp.float32(alpha))
     return q + tail
 
   return sample.memo(("superquantile", float(alpha)), compute)
@@ -156,12 +175,15 @@ def superquantile(sample: Sample, *, alpha: float) -> Array:
 def _nonnegative(d: Array) -> Array:
   # q̄_α >= μ exactly, but in float32 the rounded mean of a (near-)constant
   # channel can exceed q̄_α by an ulp; a deviation is never negative.
-  return jnp.maximum(d, 0.0)
+  return clip_value(d, 0.0, jnp.inf)
 
 
 def half_range(sample: Sample) -> Array:
-  """(max_i x_i - min_i x_i) / 2; natural statistic the midrange."""
-  return (sample.max() - sample.min()) / 2
+  """(max_i x_i - min_i x_i) / 2; natural statistic the midrange.
+
+  Computed as max/2 - min/2: finite for any finite float32 values.
+  """
+  return sample.max() / 2 - sample.min() / 2
 
 
 def mixed_superquantile(

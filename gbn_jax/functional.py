@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gbn_jax import catalogue
@@ -81,6 +82,50 @@ def check_level(value, name: str = "alpha") -> float:
         f"{name} must be a number in the open interval (0, 1); got {value!r}"
     )
   return float(value)
+
+
+def check_epsilon(value) -> float:
+  """epsilon, added to D^2: a finite number > 0 (0 would turn a constant
+  channel into 0 * inf = NaN)."""
+  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
+    value = value.item()
+  if not _is_real(value) or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"epsilon must be a finite number > 0; got {value!r}")
+  return float(value)
+
+
+def check_dtype(value, name: str = "dtype"):
+  """None or a floating-point dtype (the reduction / output precision)."""
+  if value is None:
+    return None
+  try:
+    dt = jnp.dtype(value)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(
+        f"{name} must be None or a floating-point dtype (e.g. jnp.float32,"
+        f" jnp.bfloat16, jnp.float16); got {value!r}"
+    )
+  return dt
+
+
+def check_bool(value, name: str) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False; got {value!r}")
+  return bool(value)
+
+
+def check_floating_input(x) -> None:
+  """Integer / bool input is a ``TypeError`` (cast first), as in the docs."""
+  dt = getattr(x, "dtype", None)
+  if dt is None:
+    dt = jnp.asarray(x).dtype
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+        f"gbn_jax normalizes floating-point input; got dtype {dt}."
+        " Cast it first, e.g. x.astype(jnp.float32)."
+    )
 
 
 def check_p(value) -> float:
@@ -176,10 +221,8 @@ def make_measures(
   mixed = "mixed" in statistic or "mixed" in deviation
   if mixed or levels is not None or weights is not None:
     levels, weights = check_mixture(levels, weights)
-  if not isinstance(gaussian_consistent, bool):
-    raise ValueError(
-        f"gaussian_consistent must be True or False; got {gaussian_consistent!r}"
-    )
+  check_bool(gaussian_consistent, "gaussian_consistent")
+  check_bool(use_fast_variance, "use_fast_variance")
   available = dict(
       alpha=alpha,
       p=p,
@@ -266,6 +309,9 @@ def batch_statistics(
       gaussian_consistent=gaussian_consistent,
       use_fast_variance=use_fast_variance,
   )
+  check_dtype(dtype)
+  check_bool(force_float32_reductions, "force_float32_reductions")
+  check_bool(approximate, "approximate")
   sample = Sample(
       x,
       axes,
@@ -296,7 +342,16 @@ def normalize(
   dtype of the arguments (float32 for half-precision ``x`` and float32
   statistics), like ``flax.linen.BatchNorm``.
   """
+  check_floating_input(x)
+  epsilon = check_epsilon(epsilon)
   axes = canonicalize_axes(jnp.ndim(x), axes)
+  channel_shape = tuple(d for i, d in enumerate(jnp.shape(x)) if i not in axes)
+  for name, v in (("center", center), ("dev_sq", dev_sq)):
+    if jnp.shape(v) != channel_shape:
+      raise ValueError(
+          f"{name} must have x's shape without axes {axes}, {channel_shape};"
+          f" got shape {jnp.shape(v)}"
+      )
   mul = lax.rsqrt(jnp.expand_dims(dev_sq, axes) + epsilon)
   if scale is not None:
     mul = mul * scale

@@ -17,7 +17,16 @@ from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
 from gbn_jax import online
-from gbn_jax.functional import check_mode, make_measures, normalize
+from gbn_jax.functional import (
+    _is_real,
+    check_bool,
+    check_dtype,
+    check_epsilon,
+    check_floating_input,
+    check_mode,
+    make_measures,
+    normalize,
+)
 from gbn_jax.sample import Sample, canonicalize_axes
 
 
@@ -100,10 +109,24 @@ class GeneralizedBatchNorm(module.Module):
     if self.mode == "online":
       online.init_state(self.measures(), ())  # ValueError if no online form
     self.measures()
-    if not isinstance(self.approximate, bool):
-      raise ValueError(
-          f"approximate must be True or False; got {self.approximate!r}"
-      )
+    check_bool(self.approximate, "approximate")
+    check_epsilon(self.epsilon)
+    m = self.momentum
+    if not _is_real(m) or not 0.0 <= float(m) <= 1.0:
+      raise ValueError(f"momentum must be a number in [0, 1]; got {m!r}")
+    check_dtype(self.dtype, "dtype")
+    if check_dtype(self.param_dtype, "param_dtype") is None:
+      raise ValueError("param_dtype must be a floating-point dtype; got None")
+    for name in ("use_bias", "use_scale", "force_float32_reductions"):
+      check_bool(getattr(self, name), name)
+    if self.use_running_average is not None:
+      check_bool(self.use_running_average, "use_running_average")
+    for name in ("bias_init", "scale_init"):
+      if not callable(getattr(self, name)):
+        raise ValueError(
+            f"{name} must be an initializer, f(key, shape, dtype); got"
+            f" {getattr(self, name)!r}"
+        )
     if self.axis_index_groups is not None and self.axis_name is None:
       raise ValueError(
           f"axis_index_groups={self.axis_index_groups!r} needs an axis_name;"
@@ -145,6 +168,8 @@ class GeneralizedBatchNorm(module.Module):
     use_running_average = module.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
+    check_bool(use_running_average, "use_running_average")
+    check_floating_input(x)
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     feature_shape = tuple(x.shape[ax] for ax in feature_axes)

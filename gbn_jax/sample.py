@@ -40,6 +40,24 @@ def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
+def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
+  """clip(raw, lo, hi) in value, the gradient of ``raw`` (a rounding guard).
+
+  For bounds that hold in exact arithmetic (lo <= mean <= hi, D >= 0) but can
+  fail by an ulp in float32: a constant channel then gets its mean exactly
+  (so D = 0 exactly and the output is beta), while gradients stay those of the
+  unclipped formula. A non-finite ``raw`` (the sum overflowed, or ±inf data)
+  gives the clipped value itself (lo when lo == hi: a constant channel's
+  E[x²] - μ² may be inf - inf); NaN data stays NaN.
+  """
+  # No gradient through the bounds: the backward pass costs nothing extra.
+  lo, hi, fixed = map(lax.stop_gradient, (lo, hi, raw))
+  clipped = jnp.clip(fixed, lo, hi)
+  guarded = raw + (clipped - fixed)
+  fallback = jnp.where(lo == hi, lo, clipped)
+  return jnp.where(jnp.isfinite(raw), guarded, fallback)
+
+
 def reduction_dtype(x_dtype, dtype=None, force_float32: bool = True):
   """The dtype statistics are computed in: at least float32, as in Flax."""
   dtype = x_dtype if dtype is None else dtype
@@ -103,10 +121,12 @@ class Sample:
             f"mask of shape {mask.shape} does not broadcast to the input"
             f" shape {x.shape}"
         ) from None
-      # Masked-out slots may hold anything (NaN/inf padding): zero them once
-      # so no measure sees them, not even as 0 * NaN in a gradient.
-      self.x = jnp.where(mask, self.x, jnp.zeros_like(self.x))
     self.mask = mask
+    if mask is not None:
+      # Masked-out slots may hold padding (NaN, ±inf): zero them once, so no
+      # term such as |x - μ|**p ever sees them -- the where-sums would drop
+      # them in value, but 0 * inf = NaN would leak into the gradients.
+      self.x = jnp.where(mask, self.x, jnp.zeros_like(self.x))
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     # Quantiles from a subsample (order_statistics.approximate_quantile).
@@ -174,13 +194,25 @@ class Sample:
     return jnp.maximum(self.count(), 1)
 
   def average(self, values: Array) -> Array:
-    """(1/n) Σ values over the valid values (0 for an empty channel)."""
-    # n in the reduction dtype here, so averages keep that dtype (as Flax).
-    return self.sum(values) / self.safe_count().astype(self.x.dtype)
+    """(1/n) Σ values over the valid values (0 for an empty channel).
+
+    Summed as Σ (values / n), so the average of finite values never
+    overflows, even near the float32 limits (Σ values / n could). 1/n is in
+    the reduction dtype, so averages keep that dtype (as Flax).
+    """
+    inv_n = (1.0 / self.safe_count()).astype(self.x.dtype)
+    return self.sum(values * self.expand(inv_n))
 
   def mean(self) -> Array:
-    """μ, the sample mean."""
-    return self.memo("mean", lambda: self.average(self.x))
+    """μ, the sample mean, (1/n) Σ x_i, kept inside [min, max].
+
+    The clip only corrects rounding (a constant channel's float32 sum / n can
+    miss the constant by an ulp); see :func:`clip_value`.
+    """
+    return self.memo(
+        "mean",
+        lambda: clip_value(self.average(self.x), self.min(), self.max()),
+    )
 
   def max(self) -> Array:
     """Largest valid value (0 for an empty channel)."""

@@ -1,0 +1,299 @@
+"""Guarantee 2: degenerate data gives finite output, never NaN.
+
+- a constant channel: D = 0 exactly and the output is β exactly, gradients
+  finite;
+- a batch of one: the same (every channel is constant);
+- a channel whose mask is all False: S = D = 0, finite output and gradients;
+- values near the float32 limits, order-statistic measures: S exact, D
+  finite and accurate, output finite, for any |x| <= FLT_MAX / 2;
+- ±inf in a channel (the rule documented in docs/GUARANTEES.md): order
+  statistics exact in the extended reals, D = +inf or NaN (never a finite
+  value), output β at the finite entries when S is finite and D = +inf, NaN
+  otherwise; every other channel bit for bit as without the inf;
+- a NaN in a channel: that channel's output is all NaN, every other channel
+  bit for bit as without it; a masked-out inf/NaN changes nothing.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gbn_jax
+from gbn_jax import batch_statistics, normalize
+from tests import _ref_reliability as ref
+
+F32_MAX = float(np.finfo(np.float32).max)
+DEVS = sorted(gbn_jax.DEVIATIONS)
+ORDER_STATS = ["quantile", "median", "midrange", "mixed_quantile"]
+ORDER_DEVS = ["superquantile", "median_abs", "half_range", "mixed_superquantile"]
+LEVELS = (0.3, 0.8)
+
+
+def _params(deviation, statistic=None):
+  kw = dict(alpha=0.7, p=3.0)
+  if "mixed" in deviation or (statistic or "").startswith("mixed"):
+    kw.update(levels=LEVELS, weights=(0.4, 0.6))
+  return kw
+
+
+@jax.jit
+def _identity(v):
+  return v
+
+
+def _layer(x, deviation, statistic=None, mask=None, gaussian=False):
+  """(S, D, y) with gamma = 2, beta = 0.25 (the ``GeneralizedBatchNorm`` math)."""
+  kw = _params(deviation, statistic)
+  if gaussian and deviation == "half_range":
+    gaussian = False
+  s, d = batch_statistics(x, axes=0, statistic=statistic, deviation=deviation,
+                          mask=mask, gaussian_consistent=gaussian, **kw)
+  c = x.shape[-1]
+  y = normalize(x, s, jnp.square(d), axes=0, scale=jnp.full((c,), 2.0),
+                bias=jnp.full((c,), 0.25))
+  return s, d, y
+
+
+# one compilation per configuration and shape (un-jitted calls would
+# re-compile any lax.while_loop of the selection engine every time)
+_jit_layer = jax.jit(_layer, static_argnames=("deviation", "statistic", "gaussian"))
+
+
+_jit_stats = jax.jit(batch_statistics, static_argnames=(
+    "axes", "statistic", "deviation", "alpha", "p", "levels", "weights"))
+
+
+def _grad_finite(x, deviation, statistic=None, mask=None):
+  w = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
+  g = jax.jit(jax.grad(
+      lambda x: jnp.sum(_layer(x, deviation, statistic, mask)[2] * w)))(x)
+  return bool(jnp.all(jnp.isfinite(g)))
+
+
+# ---------------------------------------------------------------------------
+# Constant channels, batch of one, empty channels.
+# ---------------------------------------------------------------------------
+
+CONSTANTS = [0.1, -7.3, 1e-40, 3e-3, 1e30, -F32_MAX / 2]
+
+
+def _ftz(v):
+  v = np.asarray(v, np.float32)
+  return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0), v)
+
+
+@pytest.mark.parametrize("deviation", DEVS)
+def test_constant_channel_gives_beta_exactly(deviation):
+  consts = np.asarray(CONSTANTS, np.float32)
+  x = jnp.asarray(np.broadcast_to(consts, (7, consts.size)))
+  for statistic, gaussian in ((None, False), (None, True), ("mean", False),
+                              ("median", False), ("midrange", False)):
+    if True:
+      s, d, y = _jit_layer(x, deviation, statistic, gaussian=gaussian)
+      np.testing.assert_array_equal(np.asarray(d), 0.0)
+      # XLA flushes subnormals to zero (CPU and GPU): S is c, or 0 for 1e-40
+      s = np.asarray(s)
+      assert ((s == consts) | (s == _ftz(consts))).all(), (statistic, s)
+      np.testing.assert_array_equal(np.asarray(y), 0.25)
+  assert _grad_finite(x[:, :4], deviation)  # moderate constants
+
+
+def test_constant_channel_module_and_running_averages():
+  x = jnp.broadcast_to(jnp.asarray([0.1, -7.3, 1e-40, 1e30]), (5, 4))
+  for dev in DEVS:
+    m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, deviation=dev,
+                                     bias_init=jax.nn.initializers.constant(0.5),
+                                     **_params(dev))
+    v = m.init(jax.random.key(0), x)
+    y, upd = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(v, x)
+    np.testing.assert_array_equal(np.asarray(y), 0.5)
+    st = upd["batch_stats"]
+    np.testing.assert_allclose(np.asarray(st["mean"]), 0.01 * _ftz(x[0]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st["var"]), 0.99, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (1, 1, 1, 5)])
+def test_batch_of_one(shape):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=shape) * 10, jnp.float32)
+  axes = tuple(range(len(shape) - 1))
+  for dev in DEVS:
+    for stat in (None, "mean"):
+      kw = _params(dev, stat)
+      s, d = _jit_stats(x, axes=axes, statistic=stat, deviation=dev, **kw)
+      np.testing.assert_array_equal(np.asarray(d), 0.0)
+      np.testing.assert_array_equal(np.asarray(s), np.asarray(x).reshape(-1))
+    m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, deviation=dev,
+                                     **_params(dev))
+    v = m.init(jax.random.key(0), x)
+    y, _ = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(v, x)
+    np.testing.assert_array_equal(np.asarray(y), 0.0)
+    assert _grad_finite(x.reshape(1, -1), dev)
+
+
+@pytest.mark.parametrize("deviation", DEVS)
+def test_all_false_mask_channel_is_finite(deviation):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  mask = np.ones((6, 3), bool)
+  mask[:, 1] = False  # channel 1: no valid value
+  mask[0, 2] = False
+  s, d, y = _jit_layer(x, deviation, None, jnp.asarray(mask))
+  assert np.isfinite(np.asarray(y)).all()
+  assert float(s[1]) == 0.0 and float(d[1]) == 0.0
+  # the other channels: the masked reference
+  rs, rd = ref.batch_statistics(np.asarray(x), (0,), deviation_name=deviation,
+                                mask=mask, **_params(deviation))
+  np.testing.assert_allclose(np.asarray(s)[[0, 2]], rs[[0, 2]], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(d)[[0, 2]], rd[[0, 2]], rtol=2e-5, atol=1e-6)
+  assert _grad_finite(x, deviation, mask=jnp.asarray(mask))
+
+
+def test_module_all_false_mask_keeps_running_averages_finite():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 2)), jnp.float32)
+  m = gbn_jax.GeneralizedBatchNorm(use_running_average=False)
+  v = m.init(jax.random.key(0), x)
+  y, upd = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(
+      v, x, mask=jnp.zeros((4, 2), bool))
+  assert np.isfinite(np.asarray(y)).all()
+  for leaf in jax.tree_util.tree_leaves(upd):
+    assert np.isfinite(np.asarray(leaf)).all()
+
+
+# ---------------------------------------------------------------------------
+# Near the float32 limits (order-statistic measures).
+# ---------------------------------------------------------------------------
+
+def _extreme_batch(rng, scale):
+  x = rng.uniform(-1, 1, size=(11, 3)) * scale
+  x[0, 0], x[1, 0] = scale, -scale          # the extremes themselves
+  x[:, 1] = np.abs(x[:, 1])                 # one channel all positive
+  # tiny normal numbers next to huge values (subnormals are flushed by XLA)
+  x[2:5, 2] = rng.choice([-1, 1], 3) * rng.uniform(1, 2, 3) * 1e-37
+  return np.asarray(x, np.float32)
+
+
+@pytest.mark.parametrize("statistic", ORDER_STATS)
+def test_near_float32_limits_order_statistic_measures(statistic):
+  rng = np.random.default_rng(4)
+  for scale in (F32_MAX / 2, 1e-30):  # huge, and tiny (D^2 underflows)
+    x = _extreme_batch(rng, scale)
+    for dev in ORDER_DEVS:
+      kw = _params(dev, statistic)
+      s, d, y = _jit_layer(jnp.asarray(x), dev, statistic)
+      s, d, y = map(np.asarray, (s, d, y))
+      rs, rd = ref.batch_statistics(x, (0,), statistic_name=statistic,
+                                    deviation_name=dev, **kw)
+      assert np.isfinite(y).all(), (scale, dev)
+      assert np.isfinite(d).all() and (d >= 0).all(), (scale, dev)
+      if statistic in ("quantile", "median"):
+        np.testing.assert_array_equal(s, rs.astype(np.float32))  # exact
+      else:
+        np.testing.assert_allclose(s, rs, rtol=1e-6, atol=1e-37 * (scale < 1))
+      np.testing.assert_allclose(d, rd, rtol=1e-5, atol=1e-37 * (scale < 1))
+
+
+def test_order_statistics_exact_over_the_whole_float32_range():
+  rng = np.random.default_rng(5)
+  x = rng.uniform(-1, 1, size=(16, 2)) * F32_MAX
+  x[0, 0], x[1, 0], x[2, 1] = F32_MAX, -F32_MAX, np.finfo(np.float32).tiny
+  x = np.asarray(x, np.float32)
+  for alpha in (0.01, 0.3, 0.5, 0.99):
+    s, d = _jit_stats(jnp.asarray(x), axes=0, statistic="quantile",
+                      deviation="half_range", alpha=alpha)
+    expect = [ref.quantile(x[:, c].astype(np.float64), alpha) for c in range(2)]
+    np.testing.assert_array_equal(np.asarray(s), np.float32(expect))
+    np.testing.assert_allclose(np.asarray(d), (x.max(0) / 2 - x.min(0) / 2), rtol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# ±inf and NaN: the channel is documented, the others untouched bit for bit.
+# ---------------------------------------------------------------------------
+
+def _other_channels_identical(a, b, channel):
+  keep = [c for c in range(a.shape[-1]) if c != channel]
+  np.testing.assert_array_equal(np.asarray(a)[..., keep], np.asarray(b)[..., keep])
+
+
+@pytest.mark.parametrize("deviation", DEVS)
+def test_inf_in_a_channel(deviation):
+  rng = np.random.default_rng(6)
+  base = np.asarray(rng.normal(size=(9, 4)), np.float32)
+  clean = base.copy()
+  clean[:, 0] = rng.normal(size=9)  # channel 0 replaced by other finite data
+  x = base.copy()
+  x[3, 0] = np.inf      # channel 0: +inf
+  x[4, 1] = -np.inf     # channel 1: -inf
+  x[5, 2], x[6, 2] = np.inf, -np.inf  # channel 2: both
+  clean[:, 1:3] = rng.normal(size=(9, 2))
+  for statistic in (None, "mean", "median", "quantile", "midrange"):
+    s, d, y = map(np.asarray, _jit_layer(jnp.asarray(x), deviation, statistic))
+    s2, d2, y2 = map(np.asarray, _jit_layer(jnp.asarray(clean), deviation, statistic))
+    for a, b in ((s, s2), (d, d2), (y, y2)):  # channel 3 bit for bit
+      np.testing.assert_array_equal(a[..., 3], b[..., 3])
+    stat = statistic or ref.NATURAL[deviation]
+    for c in range(3):
+      v = x[:, c].astype(np.float64)
+      # D is never a (wrong) finite number for a channel holding ±inf
+      assert d[c] == np.inf or np.isnan(d[c]), (statistic, c, d[c])
+      if stat in ("quantile", "median"):  # exact in the extended reals
+        assert s[c] == ref.quantile(v, 0.7 if stat == "quantile" else 0.5)
+      if np.isfinite(s[c]) and d[c] == np.inf:
+        finite = np.isfinite(x[:, c])
+        np.testing.assert_array_equal(y[finite, c], 0.25)
+        assert np.isnan(y[~finite, c]).all()
+      else:
+        assert np.isnan(y[:, c]).all(), (statistic, c)
+
+
+@pytest.mark.parametrize("deviation", DEVS)
+def test_nan_channel_isolated_bit_for_bit(deviation):
+  rng = np.random.default_rng(7)
+  x = np.asarray(rng.normal(size=(8, 5)), np.float32)
+  for channel, rows in ((0, [2]), (3, slice(None))):  # one NaN / all NaN
+    bad, clean = x.copy(), x.copy()
+    bad[rows, channel] = np.nan
+    clean[:, channel] = rng.normal(size=8)
+    for statistic in (None, "mean", "quantile"):
+      out_bad = _jit_layer(jnp.asarray(bad), deviation, statistic)
+      out_clean = _jit_layer(jnp.asarray(clean), deviation, statistic)
+      for a, b in zip(out_bad, out_clean):
+        _other_channels_identical(a, b, channel)
+      assert np.isnan(np.asarray(out_bad[2])[:, channel]).all()
+      assert np.isnan(np.asarray(out_bad[1])[channel])
+  if deviation == "superquantile":  # and under jit (one compilation)
+    f = jax.jit(lambda v: _layer(v, deviation))
+    for a, b in zip(f(jnp.asarray(bad)), f(jnp.asarray(clean))):
+      _other_channels_identical(a, b, channel)
+
+
+@pytest.mark.parametrize("deviation", DEVS)
+def test_masked_out_inf_and_nan_change_nothing(deviation):
+  rng = np.random.default_rng(8)
+  x = np.asarray(rng.normal(size=(8, 3)), np.float32)
+  mask = np.ones_like(x, bool)
+  mask[[1, 5], [0, 2]] = False
+  dirty = x.copy()
+  dirty[1, 0], dirty[5, 2] = np.inf, np.nan
+  zeroed = x.copy()
+  zeroed[1, 0] = zeroed[5, 2] = 0.0
+  a = _jit_layer(jnp.asarray(dirty), deviation, None, jnp.asarray(mask))
+  b = _jit_layer(jnp.asarray(zeroed), deviation, None, jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+  np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  ya, yb = np.asarray(a[2]), np.asarray(b[2])
+  np.testing.assert_array_equal(ya[mask], yb[mask])
+  assert np.isfinite(ya[mask]).all()
+  # and the gradients of the valid values (0 * inf must not leak as NaN)
+  w = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+
+  def loss(v):  # through S and D (the outputs at the padding are inf/NaN)
+    s, d, _ = _layer(v, deviation, None, jnp.asarray(mask))
+    return jnp.sum(s * w[0]) + jnp.sum(d * w[1])
+
+  grad = jax.jit(jax.grad(loss))
+  ga, gb = grad(jnp.asarray(dirty)), grad(jnp.asarray(zeroed))
+  np.testing.assert_array_equal(np.asarray(ga)[mask], np.asarray(gb)[mask])
