@@ -1,0 +1,108 @@
+"""Figures and tables of docs/RESULTS.md from the results.csv files of the full run.
+
+  python docs/results/make_figures.py     # from the repository root
+
+Writes docs/curves_<dataset>_<model>.png, docs/alpha_sweep.png,
+docs/lr_sweep.png and docs/results/tables.md (summary tables of every group).
+"""
+
+import glob
+import math
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import train  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MAIN_LR = 0.1
+
+
+def final_errors(by_seed):
+  return [100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()]
+
+
+def alpha_sweep(groups, path):
+  """Final test error against α (superquantile), BN and L1-BN as lines."""
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6),
+                           squeeze=False)
+  for ax, (name, runs) in zip(axes[0], groups):
+    pts = []
+    for key, by_seed in runs.items():
+      if key[4] != MAIN_LR:
+        continue
+      e = final_errors(by_seed)
+      if key[3].startswith("gbn-superquantile"):
+        a = float(key[3].split("=")[1].rstrip(")"))
+        pts.append((a, np.mean(e), np.std(e, ddof=1) if len(e) > 1 else 0))
+      elif key[3] in ("bn", "l1bn", "none"):
+        ls = {"bn": "-", "l1bn": "--", "none": ":"}[key[3]]
+        ax.axhline(np.mean(e), color="k", ls=ls, lw=1, label=key[3])
+    pts.sort()
+    if pts:
+      a, m, s = map(np.array, zip(*pts))
+      ax.errorbar(a, m, yerr=s, marker="o", capsize=3,
+                  label="gbn-superquantile")
+    ax.set_title(name)
+    ax.set_xlabel("α")
+    ax.set_ylabel("final test error (%)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def lr_sweep(groups, path):
+  """Final test error against lr (log grid), one line per norm."""
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8),
+                           squeeze=False)
+  for ax, (name, runs) in zip(axes[0], groups):
+    labels = sorted({k[3] for k in runs})
+    for label in labels:
+      pts = sorted(
+          (k[4], np.mean([100 * (1 - rs[-1]["test_acc"])
+                          if not train.diverged(rs) else 90.0
+                          for rs in runs[k].values()]))
+          for k in runs if k[3] == label)
+      if len(pts) > 1:
+        x, y = zip(*pts)
+        ax.plot(x, y, marker=".", label=label)
+    ax.set_xscale("log")
+    ax.set_title(name)
+    ax.set_xlabel("learning rate (sgd, momentum 0.9)")
+    ax.set_ylabel("final test error (%), diverged = 90")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main():
+  groups = []
+  tables = []
+  for csv_path in sorted(glob.glob(os.path.join(ROOT, "docs/results/*/results.csv"))):
+    d = os.path.dirname(csv_path)
+    name = os.path.basename(d)
+    rows = train.read_rows(csv_path)
+    groups.append((name, train.runs_of(rows)))
+    tables.append(train.write_summary(rows, os.path.join(d, "summary.md"),
+                                      MAIN_LR))
+    train.plot_curves(rows, os.path.join(ROOT, "docs", f"curves_{name}.png"),
+                      MAIN_LR)
+  alpha_sweep(groups, os.path.join(ROOT, "docs", "alpha_sweep.png"))
+  lr_sweep(groups, os.path.join(ROOT, "docs", "lr_sweep.png"))
+  with open(os.path.join(ROOT, "docs", "results", "tables.md"), "w") as f:
+    f.write("\n\n".join(t.replace("# Summary\n\n", "") for t in tables))
+  print("wrote", [g[0] for g in groups])
+
+
+if __name__ == "__main__":
+  main()
