@@ -655,20 +655,24 @@ def plot_curves(rows, path, lr=None) -> None:
   for col, group in enumerate(groups):
     lrs = sorted({k[4] for k in runs if k[:3] == group})
     ref = lr if lr in lrs else lrs[len(lrs) // 2]
-    for key in sorted(k for k in runs if k[:3] == group and k[4] == ref):
+    keys = sorted(k for k in runs if k[:3] == group and k[4] == ref)
+    for i, key in enumerate(keys):
       by_seed = runs[key]
+      style = dict(color=plt.cm.tab20(i % 20),
+                   ls="--" if "superquantile" in key[3] else "-")
       steps = np.array([r["step"] for r in next(iter(by_seed.values()))])
       for row, field in enumerate(("test_acc", "train_loss")):
         v = np.array([[r[field] for r in rs] for rs in by_seed.values()])
         sl = slice(1, None) if field == "train_loss" else slice(None)
         ax = axes[row, col]
-        (line,) = ax.plot(steps[sl], v[:, sl].mean(0), label=key[3])
+        (line,) = ax.plot(steps[sl], v[:, sl].mean(0), label=key[3], **style)
         ax.fill_between(steps[sl], v[:, sl].min(0), v[:, sl].max(0),
                         color=line.get_color(), alpha=0.15)
     axes[0, col].set_title(f"{group[0]} / {group[1]} / {group[2]} lr={ref:g}")
     axes[0, col].set_ylabel("test accuracy")
-    axes[1, col].set_ylabel("training loss")
+    axes[1, col].set_ylabel("training loss (axis clipped at 10)")
     axes[1, col].set_yscale("log")
+    axes[1, col].set_ylim(top=10)  # a diverging run would hide the others
     axes[1, col].set_xlabel("step")
     axes[0, col].legend(fontsize=7)
   fig.tight_layout()

@@ -26,15 +26,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 MAIN_LR = 0.1
 
 
+def _grid(n):
+  """A 2-column grid of axes for n panels (spare panels hidden)."""
+  rows = -(-n // 2)
+  fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
+  axes = axes.ravel()
+  for ax in axes[n:]:
+    ax.set_visible(False)
+  return fig, axes[:n]
+
+
 def final_errors(by_seed):
   return [100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()]
 
 
 def alpha_sweep(groups, path):
   """Final test error against α (superquantile), BN and L1-BN as lines."""
-  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6),
-                           squeeze=False)
-  for ax, (name, runs) in zip(axes[0], groups):
+  fig, axes = _grid(len(groups))
+  for ax, (name, runs) in zip(axes, groups):
     pts = []
     for key, by_seed in runs.items():
       if key[4] != MAIN_LR:
@@ -62,11 +71,10 @@ def alpha_sweep(groups, path):
 
 def lr_sweep(groups, path):
   """Final test error against lr (log grid), one line per norm."""
-  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8),
-                           squeeze=False)
-  for ax, (name, runs) in zip(axes[0], groups):
+  fig, axes = _grid(len(groups))
+  for ax, (name, runs) in zip(axes, groups):
     labels = sorted({k[3] for k in runs})
-    for label in labels:
+    for i, label in enumerate(labels):
       pts = sorted(
           (k[4], np.mean([100 * (1 - rs[-1]["test_acc"])
                           if not train.diverged(rs) else 90.0
@@ -74,7 +82,8 @@ def lr_sweep(groups, path):
           for k in runs if k[3] == label)
       if len(pts) > 1:
         x, y = zip(*pts)
-        ax.plot(x, y, marker=".", label=label)
+        ax.plot(x, y, marker=".", label=label, color=plt.cm.tab20(i % 20),
+                ls="--" if "superquantile" in label else "-")
     ax.set_xscale("log")
     ax.set_title(name)
     ax.set_xlabel("learning rate (sgd, momentum 0.9)")
@@ -98,7 +107,8 @@ def main():
     train.plot_curves(rows, os.path.join(ROOT, "docs", f"curves_{name}.png"),
                       MAIN_LR)
   alpha_sweep(groups, os.path.join(ROOT, "docs", "alpha_sweep.png"))
-  lr_sweep(groups, os.path.join(ROOT, "docs", "lr_sweep.png"))
+  swept = [(n, r) for n, r in groups if len({k[4] for k in r}) > 1]
+  lr_sweep(swept, os.path.join(ROOT, "docs", "lr_sweep.png"))
   with open(os.path.join(ROOT, "docs", "results", "tables.md"), "w") as f:
     f.write("\n\n".join(t.replace("# Summary\n\n", "") for t in tables))
   print("wrote", [g[0] for g in groups])
