@@ -94,6 +94,45 @@ def lr_sweep(groups, path):
   plt.close(fig)
 
 
+ORDER = ("bn", "l1bn", "gbn-mean_abs", "gbn-median_abs", "gbn-half_range",
+         "gbn-superquantile(a=0.1)", "gbn-superquantile(a=0.3)",
+         "gbn-superquantile(a=0.5)", "gbn-superquantile(a=0.7)",
+         "gbn-superquantile(a=0.9)", "none", "selu")
+
+
+def overview(groups) -> str:
+  """Two markdown tables, norms x groups at lr 0.1: final test error
+  (mean ± std over seeds) and steps to the group's target (mean, reached)."""
+  names = [n for n, _ in groups]
+  head = "| norm | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+  err_lines, hit_lines, targets = [head], [head], []
+  for name, runs in groups:
+    g = next(k[:3] for k in runs)
+    targets.append(f"{name}: {100 * train.choose_target(runs, g, MAIN_LR):.0f}%")
+  for label in ORDER:
+    errs, hits = [], []
+    for name, runs in groups:
+      key = next((k for k in runs if k[3] == label and k[4] == MAIN_LR), None)
+      if key is None:
+        errs.append("—")
+        hits.append("—")
+        continue
+      target = train.choose_target(runs, key[:3], MAIN_LR)
+      by_seed = runs[key]
+      errs.append(train._ms(final_errors(by_seed)))
+      h = [train.steps_to(rs, target) for rs in by_seed.values()]
+      got = [x for x in h if x is not None]
+      hits.append(f"{np.mean(got):.0f} ({len(got)}/{len(h)})" if got
+                  else f"— (0/{len(h)})")
+    err_lines.append(f"| {label} | " + " | ".join(errs) + " |")
+    hit_lines.append(f"| {label} | " + " | ".join(hits) + " |")
+  return ("Final test error (%), lr 0.1, mean ± std over 3 seeds:\n\n"
+          + "\n".join(err_lines)
+          + "\n\nSteps to the target accuracy (mean over the seeds that reach"
+          " it; reached/seeds). Targets (98% of BN's final accuracy): "
+          + ", ".join(targets) + ".\n\n" + "\n".join(hit_lines) + "\n")
+
+
 def main():
   groups = []
   tables = []
@@ -111,6 +150,8 @@ def main():
   lr_sweep(swept, os.path.join(ROOT, "docs", "lr_sweep.png"))
   with open(os.path.join(ROOT, "docs", "results", "tables.md"), "w") as f:
     f.write("\n\n".join(t.replace("# Summary\n\n", "") for t in tables))
+  with open(os.path.join(ROOT, "docs", "results", "overview.md"), "w") as f:
+    f.write(overview(groups))
   print("wrote", [g[0] for g in groups])
 
 
