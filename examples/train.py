@@ -622,7 +622,8 @@ def write_summary(rows, path, lr=None, target=None, per_seed=True) -> str:
                 for rs in runs[k].values())
     seeds = sorted({s for k in runs if k[:3] == group for s in runs[k]})
     parts.append(
-        f"## {group[0]} / {group[1]} / {group[2]}, lr = {ref:g}\n\n"
+        f"## {group[0]} / {group[1]} / {group[2]}, lr = {ref:g},"
+        f" {steps} steps\n\n"
         f"{steps} steps, seeds {seeds}; final = test accuracy after the last"
         f" step; mean ± std over seeds. Target accuracy {100 * tgt:.0f}%.\n\n"
         + summary_table(runs, group, ref, tgt, per_seed)
