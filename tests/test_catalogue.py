@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax.sample import Sample
-import reference as ref
+from tests import reference as ref
 
 SPEC_STATISTICS = {"mean", "quantile", "median", "midrange"}
 SPEC_DEVIATIONS = {

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import gbn_jax
-import reference as ref
+from tests import reference as ref
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 GBN_MEAN_STD = functools.partial(gbn_jax.GeneralizedBatchNorm,

@@ -16,7 +16,7 @@ import pytest
 from jax.test_util import check_grads
 
 import gbn_jax
-import reference as ref
+from tests import reference as ref
 from gbn_jax.sample import Sample
 
 LEVELS = (0.3, 0.8)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import optimize
 
 import gbn_jax
-import reference as ref
+from tests import reference as ref
 
 GRID = 4001
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gbn_jax
-import reference as ref
+from tests import reference as ref
 
 PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
 DEVIATIONS = list(gbn_jax.DEVIATIONS)
