@@ -3,9 +3,12 @@
 y = gamma * (x - S(x)) / sqrt(D(x)^2 + eps) + beta, with S a statistic and D a
 generalized deviation measure (Yuan, Feng, Norton, Li; AAAI 2019).
 
-The math (``catalogue``, ``order_statistics``, ``functional``, ``sample``)
-imports jax only; ``GeneralizedBatchNorm`` (linen) wraps it for Flax.
+The math (``catalogue``, ``order_statistics``, ``functional``, ``sample``,
+``online``) imports jax only; ``GeneralizedBatchNorm`` (linen) and
+``gbn_jax.nnx.GeneralizedBatchNorm`` (NNX) wrap it for Flax.
 """
+
+import importlib
 
 from gbn_jax.catalogue import (
     DEVIATIONS,
@@ -18,6 +21,7 @@ from gbn_jax.functional import (
     batch_statistics,
     make_measures,
     normalize,
+    sample_statistics,
 )
 from gbn_jax.order_statistics import kth_smallest, quantile_rank
 from gbn_jax.sample import Sample
@@ -31,6 +35,8 @@ def __getattr__(name):
     from gbn_jax.linen import GeneralizedBatchNorm
 
     return GeneralizedBatchNorm
+  if name in ("linen", "nnx", "online"):
+    return importlib.import_module(f"gbn_jax.{name}")
   raise AttributeError(f"module 'gbn_jax' has no attribute {name!r}")
 
 
@@ -47,4 +53,5 @@ __all__ = [
     "make_measures",
     "normalize",
     "quantile_rank",
+    "sample_statistics",
 ]

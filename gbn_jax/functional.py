@@ -8,6 +8,7 @@ modules are thin wrappers over these.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -25,12 +26,13 @@ from gbn_jax.sample import Sample, canonicalize_axes
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Measures:
   """A checked choice of statistic and deviation with their parameters.
 
   Build it with :func:`make_measures`; every setting has been validated, so
-  applying it cannot fail on configuration.
+  applying it cannot fail on configuration. Equal configurations compare and
+  hash equal, so a ``Measures`` can be a static argument of ``jax.jit``.
   """
 
   statistic: str
@@ -40,6 +42,22 @@ class Measures:
   statistic_kwargs: dict
   deviation_kwargs: dict
   scale: float  # Gaussian-consistency factor (1.0 when off)
+
+  def _key(self):
+    # The functions follow from the names; parameters are numbers or tuples.
+    return (
+        self.statistic,
+        self.deviation,
+        tuple(sorted(self.statistic_kwargs.items())),
+        tuple(sorted(self.deviation_kwargs.items())),
+        self.scale,
+    )
+
+  def __eq__(self, other):
+    return isinstance(other, Measures) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
 
   def __call__(self, sample: Sample) -> tuple[Array, Array]:
     center = self.statistic_fn(sample, **self.statistic_kwargs)
@@ -114,6 +132,43 @@ def check_bool(value, name: str) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"{name} must be True or False; got {value!r}")
   return bool(value)
+
+
+def check_layer_fields(
+    *,
+    epsilon,
+    momentum,
+    dtype,
+    param_dtype,
+    flags: dict,
+    initializers: dict,
+    axis_name,
+    axis_index_groups,
+) -> None:
+  """The checks shared by the linen and NNX modules' constructors.
+
+  ``flags`` maps a field name to a value that must be a bool (None allowed
+  for ``use_running_average``); ``initializers`` maps a name to a callable.
+  """
+  check_epsilon(epsilon)
+  if not _is_real(momentum) or not 0.0 <= float(momentum) <= 1.0:
+    raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
+  check_dtype(dtype, "dtype")
+  if check_dtype(param_dtype, "param_dtype") is None:
+    raise ValueError("param_dtype must be a floating-point dtype; got None")
+  for name, value in flags.items():
+    if not (name == "use_running_average" and value is None):
+      check_bool(value, name)
+  for name, init in initializers.items():
+    if not callable(init):
+      raise ValueError(
+          f"{name} must be an initializer, f(key, shape, dtype); got {init!r}"
+      )
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(
+        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
+        " got axis_name=None"
+    )
 
 
 def check_floating_input(x) -> None:
@@ -312,6 +367,72 @@ def batch_statistics(
   check_dtype(dtype)
   check_bool(force_float32_reductions, "force_float32_reductions")
   check_bool(approximate, "approximate")
+  return sample_statistics(
+      measures,
+      x,
+      axes=axes,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      force_float32_reductions=force_float32_reductions,
+      approximate=approximate,
+  )
+
+
+def _hashable(v):
+  """Lists (of lists) as tuples, so they can be static jit arguments."""
+  if isinstance(v, (list, tuple)):
+    return tuple(_hashable(e) for e in v)
+  return v
+
+
+def sample_statistics(
+    measures: Measures,
+    x: Array,
+    *,
+    axes,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+    approximate: bool = False,
+    squared: bool = False,
+) -> tuple[Array, Array]:
+  """``measures`` of the :class:`Sample` of ``x``: (S, D), or (S, D²) if
+  ``squared`` (what the normalization uses; see ``Measures.center_and_dev_sq``).
+
+  The computation is a ``jax.jit`` with the configuration static, so a call
+  outside any trace compiles once per shape and configuration (the selection
+  engine's loops would otherwise be recompiled on every eager call); inside
+  a user's ``jit``/``pmap``/``shard_map`` it is inlined as usual.
+  """
+  check_floating_input(x)
+  return _sample_statistics_jit(
+      jnp.asarray(x),
+      None if mask is None else jnp.asarray(mask),
+      measures=measures,
+      axes=_hashable(axes),
+      axis_name=_hashable(axis_name),
+      axis_index_groups=_hashable(axis_index_groups),
+      dtype=dtype,
+      force_float32_reductions=force_float32_reductions,
+      approximate=approximate,
+      squared=squared,
+  )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "measures", "axes", "axis_name", "axis_index_groups", "dtype",
+        "force_float32_reductions", "approximate", "squared",
+    ),
+)
+def _sample_statistics_jit(x, mask, *, measures, axes, axis_name,
+                           axis_index_groups, dtype, force_float32_reductions,
+                           approximate, squared):
   sample = Sample(
       x,
       axes,
@@ -322,7 +443,7 @@ def batch_statistics(
       force_float32_reductions=force_float32_reductions,
       approximate=approximate,
   )
-  return measures(sample)
+  return measures.center_and_dev_sq(sample) if squared else measures(sample)
 
 
 def normalize(

@@ -18,14 +18,13 @@ from jax.nn import initializers
 
 from gbn_jax import online
 from gbn_jax.functional import (
-    _is_real,
     check_bool,
-    check_dtype,
-    check_epsilon,
     check_floating_input,
+    check_layer_fields,
     check_mode,
     make_measures,
     normalize,
+    sample_statistics,
 )
 from gbn_jax.sample import Sample, canonicalize_axes
 
@@ -109,29 +108,21 @@ class GeneralizedBatchNorm(module.Module):
     if self.mode == "online":
       online.init_state(self.measures(), ())  # ValueError if no online form
     self.measures()
-    check_bool(self.approximate, "approximate")
-    check_epsilon(self.epsilon)
-    m = self.momentum
-    if not _is_real(m) or not 0.0 <= float(m) <= 1.0:
-      raise ValueError(f"momentum must be a number in [0, 1]; got {m!r}")
-    check_dtype(self.dtype, "dtype")
-    if check_dtype(self.param_dtype, "param_dtype") is None:
-      raise ValueError("param_dtype must be a floating-point dtype; got None")
-    for name in ("use_bias", "use_scale", "force_float32_reductions"):
-      check_bool(getattr(self, name), name)
-    if self.use_running_average is not None:
-      check_bool(self.use_running_average, "use_running_average")
-    for name in ("bias_init", "scale_init"):
-      if not callable(getattr(self, name)):
-        raise ValueError(
-            f"{name} must be an initializer, f(key, shape, dtype); got"
-            f" {getattr(self, name)!r}"
-        )
-    if self.axis_index_groups is not None and self.axis_name is None:
-      raise ValueError(
-          f"axis_index_groups={self.axis_index_groups!r} needs an axis_name;"
-          " got axis_name=None"
-      )
+    check_layer_fields(
+        epsilon=self.epsilon,
+        momentum=self.momentum,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        flags={
+            name: getattr(self, name)
+            for name in ("use_running_average", "use_bias", "use_scale",
+                         "force_float32_reductions", "use_fast_variance",
+                         "approximate")
+        },
+        initializers={"bias_init": self.bias_init, "scale_init": self.scale_init},
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+    )
     super().__post_init__()
 
   def measures(self):
@@ -192,9 +183,8 @@ class GeneralizedBatchNorm(module.Module):
         center = jnp.asarray(center, self.param_dtype)
         dev_sq = jnp.asarray(dev_sq, self.param_dtype)
     else:
-      sample = Sample(
-          x,
-          reduction_axes,
+      sample_kwargs = dict(
+          axes=reduction_axes,
           mask=mask,
           # As Flax: during init the named axis need not exist.
           axis_name=self.axis_name if not self.is_initializing() else None,
@@ -206,9 +196,12 @@ class GeneralizedBatchNorm(module.Module):
           approximate=self.approximate,
       )
       if self.mode == "online":
-        center, dev_sq = self._online_step(sample, online_vars)
+        center, dev_sq = self._online_step(Sample(x, **sample_kwargs),
+                                           online_vars)
       else:
-        center, dev_sq = self.measures().center_and_dev_sq(sample)
+        center, dev_sq = sample_statistics(
+            self.measures(), x, squared=True, **sample_kwargs
+        )
       if self.mode == "online" and not self.is_initializing():
         ra_center.value = jax.lax.stop_gradient(center)
         ra_dev_sq.value = jax.lax.stop_gradient(dev_sq)

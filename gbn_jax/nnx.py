@@ -20,7 +20,14 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from gbn_jax import online
-from gbn_jax.functional import check_mode, make_measures, normalize
+from gbn_jax.functional import (
+    check_floating_input,
+    check_layer_fields,
+    check_mode,
+    make_measures,
+    normalize,
+    sample_statistics,
+)
 from gbn_jax.sample import Sample, canonicalize_axes
 
 
@@ -65,6 +72,8 @@ class GeneralizedBatchNorm(nnx.Module):
     levels, weights: of ``mixed_superquantile`` (weights default to equal).
     gaussian_consistent: scale D to equal σ on normal data.
     mode: ``"batch"`` or ``"online"``.
+    approximate: quantiles from a strided subsample, for speed (off by
+      default; the order statistics are then not exact).
     use_running_average, axis, momentum, epsilon, dtype, param_dtype,
     use_bias, use_scale, bias_init, scale_init, axis_name,
     axis_index_groups, use_fast_variance, promote_dtype, rngs,
@@ -84,6 +93,7 @@ class GeneralizedBatchNorm(nnx.Module):
       weights: Sequence[float] | None = None,
       gaussian_consistent: bool = False,
       mode: str = "batch",
+      approximate: bool = False,
       use_running_average: bool | None = False,
       axis: int = -1,
       momentum: float = 0.99,
@@ -113,11 +123,23 @@ class GeneralizedBatchNorm(nnx.Module):
     # Fail when the layer is set up, not with a NaN many steps later.
     self.mode = check_mode(mode)
     measures = self.measures()
-    if axis_index_groups is not None and axis_name is None:
-      raise ValueError(
-          f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
-          " got axis_name=None"
-      )
+    check_layer_fields(
+        epsilon=epsilon,
+        momentum=momentum,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        flags={
+            "use_running_average": use_running_average,
+            "use_bias": use_bias,
+            "use_scale": use_scale,
+            "use_fast_variance": use_fast_variance,
+            "approximate": approximate,
+        },
+        initializers={"bias_init": bias_init, "scale_init": scale_init},
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    self.approximate = approximate
 
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -198,6 +220,7 @@ class GeneralizedBatchNorm(nnx.Module):
             " or use .train() / .eval() / nnx.view."
         ),
     )
+    check_floating_input(x)
     feature_axes = canonicalize_axes(x.ndim, self.axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
 
@@ -208,13 +231,13 @@ class GeneralizedBatchNorm(nnx.Module):
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
     )
     if not use_running_average:
-      sample = Sample(
-          x,
-          reduction_axes,
+      sample_kwargs = dict(
+          axes=reduction_axes,
           mask=mask,
           axis_name=self.axis_name,
           axis_index_groups=self.axis_index_groups,
           dtype=self.dtype,
+          approximate=self.approximate,
       )
       # As nnx.BatchNorm: stop_gradient on the stored state only for refs.
       if self.mean._can_update or self.var._can_update:
@@ -225,7 +248,7 @@ class GeneralizedBatchNorm(nnx.Module):
         center, dev_sq, new = online.update(
             self.measures(),
             {k: getattr(self, k)[...] for k in self.online_names},
-            sample,
+            Sample(x, **sample_kwargs),
             momentum=self.momentum,
         )
         for k, v in new.items():
@@ -233,7 +256,9 @@ class GeneralizedBatchNorm(nnx.Module):
         self.mean[...] = stop_gradient(center)
         self.var[...] = stop_gradient(dev_sq)
       else:
-        center, dev_sq = self.measures().center_and_dev_sq(sample)
+        center, dev_sq = sample_statistics(
+            self.measures(), x, squared=True, **sample_kwargs
+        )
         self.mean[...] = stop_gradient(
             self.momentum * self.mean[...] + (1 - self.momentum) * center
         )

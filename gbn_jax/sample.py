@@ -13,6 +13,7 @@ need, say, the mean or the same quantile compute it once per trace.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -38,6 +39,30 @@ def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
       )
     out.add(int(a) % ndim)
   return tuple(sorted(out))
+
+
+def _groups_key(groups):
+  return None if groups is None else tuple(tuple(g) for g in groups)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _pmax(v: Array, axis_name, groups) -> Array:
+  """lax.pmax with a derivative (JAX has none for pmax/pmin).
+
+  The derivative is that of ``jnp.max`` across devices: the tangent of the
+  device(s) holding the maximum, shared equally among tied devices.
+  """
+  return lax.pmax(v, axis_name, axis_index_groups=groups)
+
+
+@_pmax.defjvp
+def _pmax_jvp(axis_name, groups, primals, tangents):
+  (v,), (t,) = primals, tangents
+  m = lax.pmax(v, axis_name, axis_index_groups=groups)
+  hit = (v == m).astype(t.dtype)
+  ties = lax.psum(hit, axis_name, axis_index_groups=groups)
+  t_m = lax.psum(t * hit, axis_name, axis_index_groups=groups)
+  return m, t_m / jnp.maximum(ties, 1)
 
 
 def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
@@ -159,12 +184,12 @@ class Sample:
   def pmax(self, v: Array) -> Array:
     if self.axis_name is None:
       return v
-    return lax.pmax(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+    return _pmax(v, self.axis_name, _groups_key(self.axis_index_groups))
 
   def pmin(self, v: Array) -> Array:
     if self.axis_name is None:
       return v
-    return lax.pmin(v, self.axis_name, axis_index_groups=self.axis_index_groups)
+    return -_pmax(-v, self.axis_name, _groups_key(self.axis_index_groups))
 
   # -- reductions -----------------------------------------------------------
 

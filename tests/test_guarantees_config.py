@@ -1,7 +1,7 @@
 """Guarantee 1: bad configuration fails early, naming the value and the choices.
 
-Every field of ``GeneralizedBatchNorm`` (linen) and every argument of the
-functional API (``make_measures``, ``batch_statistics``, ``normalize``). Field
+Every field of ``GeneralizedBatchNorm`` (linen and NNX) and every argument of
+the functional API (``make_measures``, ``batch_statistics``, ``normalize``). Field
 errors are raised when the module is constructed (set-up); shape-dependent
 errors (axis, mask, input dtype) when the function is traced -- checked with
 ``jax.eval_shape``, which traces without running anything.
@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 import gbn_jax
+from flax import nnx
+
 from gbn_jax import GeneralizedBatchNorm, batch_statistics, make_measures, normalize
+from gbn_jax.nnx import GeneralizedBatchNorm as NnxGeneralizedBatchNorm
 
 X = jnp.ones((4, 3), jnp.float32)
 
@@ -76,6 +79,9 @@ def test_bad_measures_everywhere(kwargs, exc, fragments):
   # the module, when it is constructed (before init)
   with _raises(exc, *fragments):
     GeneralizedBatchNorm(use_running_average=False, **kwargs)
+  # the NNX module, when it is constructed (use_fast_variance is its field too)
+  with _raises(exc, *fragments):
+    NnxGeneralizedBatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
 
 
 BAD_MODULE_FIELDS = [
@@ -96,6 +102,8 @@ BAD_MODULE_FIELDS = [
     (dict(bias_init=0.0), ValueError, ["bias_init", "0.0", "initializer"]),
     (dict(scale_init="ones"), ValueError, ["scale_init", "'ones'"]),
     (dict(axis_index_groups=[[0, 1]]), ValueError, ["axis_index_groups", "axis_name"]),
+    (dict(approximate="fast"), ValueError, ["approximate", "'fast'", "True or False"]),
+    (dict(mode="stream"), ValueError, ["'stream'", "'batch'", "'online'"]),
 ]
 
 
@@ -103,6 +111,22 @@ BAD_MODULE_FIELDS = [
 def test_bad_module_fields_at_setup(kwargs, exc, fragments):
   with _raises(exc, *fragments):
     GeneralizedBatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,fragments",
+    [c for c in BAD_MODULE_FIELDS if "force_float32_reductions" not in c[0]],
+)
+def test_bad_nnx_module_fields_at_setup(kwargs, exc, fragments):
+  """The NNX module checks the same fields (it has no force_float32_reductions)."""
+  with _raises(exc, *fragments):
+    NnxGeneralizedBatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_nnx_integer_input_is_a_type_error():
+  layer = NnxGeneralizedBatchNorm(3, rngs=nnx.Rngs(0))
+  with _raises(TypeError, "int32", "floating-point"):
+    layer(X.astype(jnp.int32))
 
 
 def _init(module, x, **kw):
@@ -140,6 +164,7 @@ BAD_CALLS = [
     (dict(axes=0, dtype=jnp.int16), ValueError, ["dtype", "int16", "floating"]),
     (dict(axes=0, force_float32_reductions="on"), ValueError,
      ["force_float32_reductions", "'on'"]),
+    (dict(axes=0, approximate=None), ValueError, ["approximate", "None"]),
 ]
 
 

@@ -182,3 +182,36 @@ def test_pmap_module_equals_one_device(groups_name):
               stats[j][k][i], want_stats[j][k], rtol=1e-5, atol=1e-6,
               err_msg=f"{dev} batch_stats[{k}], device {i}")
       assert np.all(np.isfinite(np.asarray(outs[j]))), dev
+
+
+def _weighted_measures(x, mask, weights, axis_name=None, groups=None):
+  """A scalar loss of every measure, so its gradient reaches every x."""
+  c, d = _all_measures(x, mask, axis_name, groups)
+  return jnp.sum(weights[0] * c) + jnp.sum(weights[1] * d)
+
+
+@pytest.mark.parametrize("groups_name", ["all", "halves"])
+def test_pmap_gradients_equal_one_device(groups_name):
+  """d/dx of every measure under pmap (pmax/pmin included: half_range,
+  midrange and the mean's rounding clip) equals one device's gradient."""
+  groups = GROUPS[groups_name]
+  xs, masks = _data(21, True)
+  xs[1, 0, 0, 1] = xs[5, 1, 1, 1] = xs.max() + 1.0  # a max tied across devices
+  rng = np.random.default_rng(3)
+  weights = jnp.asarray(rng.normal(size=(2, len(_configs()), LOCAL[2])),
+                        jnp.float32)
+  grad_dev = jax.pmap(
+      jax.grad(lambda x, m: _weighted_measures(x, m, weights, "batch",
+                                               groups)),
+      axis_name="batch")(xs, masks)
+  grad_one = jax.jit(jax.grad(
+      lambda x, m: _weighted_measures(x, m, weights)))
+  members = [list(range(N_DEV))] if groups is None else groups
+  for group in members:
+    x_cat = jnp.asarray(np.concatenate([xs[i] for i in group]))
+    m_cat = jnp.asarray(np.concatenate([masks[i] for i in group]))
+    want = np.asarray(grad_one(x_cat, m_cat))
+    # Under pmap each device's loss is the group's loss, so the gradient of
+    # the sum over devices is len(group) times the one-device gradient.
+    got = np.concatenate([np.asarray(grad_dev[i]) for i in group])
+    np.testing.assert_allclose(got, len(group) * want, rtol=1e-4, atol=1e-5)
