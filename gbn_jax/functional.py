@@ -409,6 +409,11 @@ def sample_statistics(
   a user's ``jit``/``pmap``/``shard_map`` it is inlined as usual.
   """
   check_floating_input(x)
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(
+        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
+        " got axis_name=None"
+    )
   return _sample_statistics_jit(
       jnp.asarray(x),
       None if mask is None else jnp.asarray(mask),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax import order_statistics as O
+from tests.selection_patch import selection
 from gbn_jax.sample import Sample
 
 N = 257  # values per channel: odd, not a power of two
@@ -160,14 +161,10 @@ def test_half_precision_input():
 
 
 def _stats_loss(kth, deviation, x, mask=None, **kw):
-  old = O.kth_smallest
-  O.kth_smallest = kth
-  try:
+  with selection(kth):
     c, d = gbn_jax.batch_statistics(
         x, axes=(0, 1), deviation=deviation, mask=mask, **kw
     )
-  finally:
-    O.kth_smallest = old
   w = jnp.linspace(-1.0, 2.0, c.size).reshape(c.shape)
   return jnp.sum(w * c) + jnp.sum(w**2 * d)
 
@@ -220,12 +217,8 @@ def test_backward_is_elementwise_no_scatter_no_sort():
   assert not re.search(r"\sscatter\(", hlo)
   assert not re.search(r"\ssort\(", hlo)
   # The reference does sort (the check above can fail).
-  old = O.kth_smallest
-  O.kth_smallest = O.kth_smallest_by_sort
-  try:
+  with selection(O.kth_smallest_by_sort):
     hlo_ref = jax.jit(jax.grad(f)).lower(x).compile().as_text()
-  finally:
-    O.kth_smallest = old
   assert re.search(r"\ssort\(", hlo_ref)
 
 

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import gbn_jax
 from gbn_jax import order_statistics as O
+from tests.selection_patch import selection
 
 D = 8
 KW = dict(axes=(0, 1), deviation="superquantile", alpha=0.7)
@@ -85,12 +86,8 @@ def test_shard_map_equals_one_device(mesh):
   assert re.search(r"all-reduce", hlo)
   assert not re.search(r"all-gather", hlo)
   # ...while the sort-based reference does gather (so the check can fail).
-  old = O.kth_smallest
-  O.kth_smallest = O.kth_smallest_by_sort
-  try:
+  with selection(O.kth_smallest_by_sort):
     hlo_ref = build(check_vma=False).lower(xs, ms).compile().as_text()
-  finally:
-    O.kth_smallest = old
   assert re.search(r"all-gather", hlo_ref)
 
 
