@@ -78,6 +78,12 @@ def test_equals_linen_batch_mode(deviation):
   _compare_with_linen(_config(deviation), "batch", _inputs())
 
 
+def test_equals_linen_approximate_mode():
+  # Subsample quantiles (approximate=True) take the same path in both.
+  cfg = dict(_config("superquantile"), approximate=True)
+  _compare_with_linen(cfg, "batch", _inputs(shape=(300, 3)))
+
+
 @pytest.mark.parametrize("deviation", ALL)
 def test_equals_linen_online_mode(deviation):
   _compare_with_linen(_config(deviation), "online", _inputs((3, 4)))
