@@ -229,15 +229,41 @@ class Sample:
     return self.sum(values * self.expand(inv_n))
 
   def mean(self) -> Array:
-    """μ, the sample mean, (1/n) Σ x_i, kept inside [min, max].
+    """μ, the sample mean, (1/n) Σ x_i -- exact for a constant channel.
 
-    The clip only corrects rounding (a constant channel's float32 sum / n can
-    miss the constant by an ulp); see :func:`clip_value`.
+    In float32 a constant channel's Σ x_i / n can miss the constant by an
+    ulp, and then D > 0 and the output is not β. Without a mask the mean is
+    taken around a pivot, μ = r + (1/n) Σ (x_i - r) with r one of the
+    channel's values (:meth:`pivot`): a constant channel gives r exactly, at
+    no extra pass over the data. With a mask the valid values have no fixed
+    position, so μ is kept inside [min, max] instead (:func:`clip_value`).
     """
-    return self.memo(
-        "mean",
-        lambda: clip_value(self.average(self.x), self.min(), self.max()),
-    )
+
+    def compute():
+      if self.mask is None:
+        r = self.pivot()
+        return r + self.average(self.x - self.expand(r))
+      return clip_value(self.average(self.x), self.min(), self.max())
+
+    return self.memo("mean", compute)
+
+  def pivot(self) -> Array:
+    """r: one value of each channel, the same on every device (no gradient).
+
+    The first entry along the reduction axes (the largest of the devices'
+    first entries under ``axis_name``): a slice, not a pass over the data.
+    Only meaningful without a mask (a masked-out first entry is not a value).
+    """
+
+    def compute():
+      index = tuple(0 if i in self.axes else slice(None)
+                    for i in range(self.x.ndim))
+      r = lax.stop_gradient(self.x[index])
+      if self.axis_name is not None:
+        r = lax.pmax(r, self.axis_name, axis_index_groups=self.axis_index_groups)
+      return r
+
+    return self.memo("pivot", compute)
 
   def max(self) -> Array:
     """Largest valid value (0 for an empty channel)."""
