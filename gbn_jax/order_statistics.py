@@ -409,6 +409,23 @@ def _pass(sample, k, lo, hi, c_lo, c_hi, pivots):
   return lo, hi, c_lo, c_hi
 
 
+def _data_range(sample: Sample):
+  """A first bracket (lo, hi] holding every valid value: the sample's min and
+  max (shared with the mean's rounding guard, so free), which spares a snap
+  where the first pivots miss the target.
+
+  Falls back to the whole key range where the float min/max may not be the
+  keys' (NaN, or a result among ±0 and the denormals, which XLA:CPU
+  compares as zero) -- there c(lo) = 0 and c(hi) = n must still hold.
+  """
+  mn = float_to_key(lax.stop_gradient(sample.min()))
+  mx = float_to_key(lax.stop_gradient(sample.max()))
+  unsure = lambda key: (jnp.abs(key) < _ZERO_BAND) | (key > _INF_KEY)
+  lo = jnp.where(unsure(mn), _MIN_KEY, mn - 1)
+  hi = jnp.where(unsure(mx), _NAN_KEY, mx)
+  return lo, hi
+
+
 def _subsample_sigma(sample: Sample, mu: Array) -> Array:
   """RMS deviation from ``mu`` over a strided subsample (pooled over devices).
 
@@ -444,8 +461,7 @@ def _select(sample: Sample, k: Array):
   z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
   guess = mu[..., None] + sigma[..., None] * z
   pivots = jnp.clip(float_to_key(guess), -_INF_KEY, _INF_KEY)
-  lo = jnp.full(shape, _MIN_KEY, jnp.int32)
-  hi = jnp.full(shape, _NAN_KEY, jnp.int32)
+  lo, hi = _data_range(sample)
   lo, hi, c_lo, c_hi = _pass(sample, k, lo, hi, jnp.zeros_like(n), n, pivots)
   # An empty channel: bracket (-1, 0] -> value 0.
   lo = jnp.where(empty, -1, lo)
