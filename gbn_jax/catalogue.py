@@ -167,7 +167,13 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
 
   def compute():
     q = order_statistics.quantile(sample, alpha)
-    excess = jnp.maximum(sample.x - sample.expand(q), 0.0)
+    # [x - q]_+ as a select, not jnp.maximum: its derivative is then a plain
+    # compare that XLA recomputes inside the backward fusions, where
+    # maximum's (0.5 at x == q) was materialized as an extra x-sized buffer
+    # (measured: compiled memory). Either tie convention gives the SPEC §3
+    # gradient, the q-term cancels the tie share. A NaN x still gives NaN.
+    xq = sample.x - sample.expand(q)
+    excess = jnp.where(xq <= 0.0, jnp.zeros_like(xq), xq)
     # average, then / (1 - α): finite as q̄_α - q_α <= max - q_α is.
     tail = sample.average(excess) / (1.0 - jnp.float32(alpha))
     return q + tail

@@ -260,3 +260,43 @@ def test_approximate_mode_module_and_validation():
     gbn_jax.GeneralizedBatchNorm(approximate="yes")
   with pytest.raises(ValueError, match="approximate"):
     gbn_jax.batch_statistics(x, axes=0, approximate=1)
+
+
+def _adversarial_to_subsample(n, stride):
+  """(n, 4) float32 where the strided subsample misleads the first pass."""
+  i = np.arange(n)
+  g = np.random.default_rng(5).standard_normal(n)
+  cols = [
+      np.where(i % stride == 0, 1e6, g),  # the subsample sees only outliers
+      np.where(i % stride == 0, 0.0, 1e3 + g),  # ... or only a far cluster
+      np.where(i % stride == 0, g, 7.0),  # the rest is one tied value
+      np.where(i % stride == 0, g, np.float32(1e-42) * g),  # rest denormal
+  ]
+  return np.stack(cols, -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.5, 0.93])
+def test_exact_when_the_first_bracket_misses(alpha):
+  # Pivot subsample stride 4 at n = 4 * PIVOT_SUBSAMPLE_SIZE: the normal fit
+  # puts the first pivots far off; the counts, snaps and bisection recover.
+  n = 4 * O.PIVOT_SUBSAMPLE_SIZE
+  x = _adversarial_to_subsample(n, 4)
+  k = np.asarray(O.quantile_rank(alpha, jnp.full(x.shape[1], n, jnp.float32)))
+  _check(x, None, k)
+
+
+def test_exact_when_interpolation_is_blind():
+  # Tight clusters far apart (rank interpolation places pivots in the empty
+  # gaps: counting stalls, so the snap must run) and a point mass at the
+  # target next to values one ulp away.
+  rng = np.random.default_rng(6)
+  n = 3001
+  c = rng.integers(0, 3, n)
+  clusters = np.array([-1e20, 0.5, 1e20])[c] * (1 + 1e-6 * rng.standard_normal(n))
+  one = np.float32(1.0)
+  ulps = np.where(rng.random(n) < 0.5, one, np.nextafter(one, np.float32(2)))
+  ulps = np.where(rng.random(n) < 0.1, np.nextafter(one, np.float32(0)), ulps)
+  x = np.stack([clusters, ulps], -1).astype(np.float32)
+  for alpha in (0.2, 0.5, 0.8):
+    k = np.asarray(O.quantile_rank(alpha, jnp.full(2, n, jnp.float32)))
+    _check(x, None, k)
