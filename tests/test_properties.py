@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax import batch_statistics
+from tests.batched import many_statistics
 
 N_EXAMPLES = 15
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,
@@ -59,16 +60,23 @@ def samples(draw, n_arrays=1):
   return xs, axes, ALPHA
 
 
+_CONFIGS = [
+    dict(statistic=stat, deviation=dev, alpha=ALPHA, p=3.0,
+         **(LEVELS if "mixed" in dev or stat == "mixed_quantile" else {}))
+    for dev in DEVS
+    for stat in [None] + (STATS if dev == "superquantile" else [])
+]
+
+
 def _all_measures(x, axes, alpha, mask=None):
-  """{(statistic or None, deviation): (S, D)} as float64 numpy arrays."""
-  out = {}
-  for dev in DEVS:
-    for stat in [None] + (STATS if dev == "superquantile" else []):
-      kw = dict(LEVELS) if "mixed" in dev or stat == "mixed_quantile" else {}
-      s, d = _stats(jnp.asarray(x), axes=axes, statistic=stat,
-                    deviation=dev, alpha=alpha, p=3.0, mask=mask, **kw)
-      out[(stat, dev)] = (np.asarray(s), np.asarray(d))
-  return out
+  """{(statistic or None, deviation): (S, D)} as float64 numpy arrays.
+
+  Every configuration in one compiled program per shape (tests/batched.py),
+  shared by all examples and properties."""
+  assert alpha == ALPHA
+  results = many_statistics(x, _CONFIGS, axes=axes, mask=mask)
+  return {(cfg["statistic"], cfg["deviation"]): (np.asarray(s), np.asarray(d))
+          for cfg, (s, d) in zip(_CONFIGS, results)}
 
 
 def _scale(x):

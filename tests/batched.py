@@ -1,0 +1,44 @@
+"""Many measures of one sample in ONE compiled program (for the tests' speed).
+
+Compiling the exact selection engine costs about a second per configuration
+and shape; a test that checks every measure would pay that per measure. Here
+one ``jax.jit`` builds one :class:`gbn_jax.Sample` and applies every
+``Measures`` to it (the sample memoises its selections, so one selection at a
+level serves every measure at that level). The configuration is static, so a
+repeat call with the same shapes and configuration is cached.
+
+Each entry is computed exactly as ``gbn_jax.batch_statistics`` computes it
+(``Measures(Sample(x, axes, mask=...))``); at least one test per file still
+goes through the public ``batch_statistics`` path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import gbn_jax
+from gbn_jax.sample import Sample
+
+
+def _hashable(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(_hashable(e) for e in v)
+  return v
+
+
+@functools.partial(jax.jit, static_argnames=("measures", "axes", "sample_kw"))
+def _many(x, mask, *, measures, axes, sample_kw):
+  sample = Sample(x, axes, mask=mask, **dict(sample_kw))
+  return tuple(m(sample) for m in measures)
+
+
+def many_statistics(x, configs, *, axes, mask=None, **sample_kw):
+  """[(S, D)] of ``x`` for each configuration (a dict of ``make_measures``
+  keyword arguments, ``statistic`` and ``deviation`` included), in order."""
+  measures = tuple(gbn_jax.make_measures(**cfg) for cfg in configs)
+  return list(_many(jnp.asarray(x), None if mask is None else jnp.asarray(mask),
+                    measures=measures, axes=_hashable(axes),
+                    sample_kw=_hashable(tuple(sorted(sample_kw.items())))))
