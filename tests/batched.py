@@ -38,7 +38,20 @@ def _many(x, mask, *, measures, axes, sample_kw):
 def many_statistics(x, configs, *, axes, mask=None, **sample_kw):
   """[(S, D)] of ``x`` for each configuration (a dict of ``make_measures``
   keyword arguments, ``statistic`` and ``deviation`` included), in order."""
-  measures = tuple(gbn_jax.make_measures(**cfg) for cfg in configs)
-  return list(_many(jnp.asarray(x), None if mask is None else jnp.asarray(mask),
-                    measures=measures, axes=_hashable(axes),
-                    sample_kw=_hashable(tuple(sorted(sample_kw.items())))))
+  measures = [gbn_jax.make_measures(**cfg) for cfg in configs]
+  x = jnp.asarray(x)
+  mask = None if mask is None else jnp.asarray(mask)
+  sample_kw = _hashable(tuple(sorted(sample_kw.items())))
+  # Two programs: the measures that use α, and the others -- so a caller that
+  # varies α (hypothesis) recompiles only the first.
+  results = [None] * len(measures)
+  for uses_alpha in (False, True):
+    idx = [i for i, m in enumerate(measures)
+           if ("alpha" in m.statistic_kwargs
+               or "alpha" in m.deviation_kwargs) == uses_alpha]
+    if idx:
+      out = _many(x, mask, measures=tuple(measures[i] for i in idx),
+                  axes=_hashable(axes), sample_kw=sample_kw)
+      for i, r in zip(idx, out):
+        results[i] = r
+  return results
