@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import gbn_jax
 from gbn_jax.sample import Sample
 from tests import reference as ref
+from tests.batched import many_statistics
 
 SPEC_STATISTICS = {"mean", "quantile", "median", "midrange"}
 SPEC_DEVIATIONS = {
@@ -38,13 +39,22 @@ def _assert_close(actual, expected, scale, what, rtol=2e-5):
   )
 
 
-def _check_all_measures(x, axes, alpha, mask=None, p=3.0):
-  """Each statistic and each deviation (natural pairing) vs the reference."""
+def _check_all_measures(x, axes, alpha, mask=None, p=3.0, public=False):
+  """Each statistic and each deviation (natural pairing) vs the reference.
+
+  All deviations come from one compiled program (tests/batched.py) unless
+  ``public``, which calls ``gbn_jax.batch_statistics`` once per deviation."""
   params = _params(alpha, p)
   scale = float(np.max(np.abs(x))) + 1.0
-  for dev in gbn_jax.DEVIATIONS:
-    center, d = gbn_jax.batch_statistics(x, axes=axes, deviation=dev, mask=mask,
-                                         **params)
+  devs = list(gbn_jax.DEVIATIONS)
+  if public:
+    results = [gbn_jax.batch_statistics(x, axes=axes, deviation=dev,
+                                        mask=mask, **params) for dev in devs]
+  else:
+    results = many_statistics(
+        x, [dict(deviation=dev, **params) for dev in devs], axes=axes,
+        mask=mask)
+  for dev, (center, d) in zip(devs, results):
     rc, rd = ref.batch_statistics(x, axes=axes, deviation=dev, mask=mask,
                                   **params)
     what = f"deviation={dev} alpha={alpha} axes={axes} shape={x.shape}"
@@ -73,7 +83,8 @@ CASES = [
 def test_every_measure_matches_reference(shape, axes, alpha, kind):
   rng = np.random.default_rng(len(shape) * 1000 + int(alpha * 100))
   x = ref.skewed(rng, shape, kind)
-  _check_all_measures(x, axes, alpha)
+  # the first case through the public batch_statistics, one call per measure
+  _check_all_measures(x, axes, alpha, public=(shape, axes) == CASES[0][:2])
 
 
 def test_alpha_n_not_whole_in_cases():
@@ -100,14 +111,17 @@ def test_every_statistic_with_every_deviation():
   x = ref.skewed(rng, (23, 2), "lognormal")
   params = _params(0.71, 1.5)
   scale = float(np.max(np.abs(x))) + 1.0
-  for stat in gbn_jax.STATISTICS:
-    for dev in gbn_jax.DEVIATIONS:
-      c, d = gbn_jax.batch_statistics(x, axes=0, statistic=stat, deviation=dev,
-                                      **params)
-      rc, rd = ref.batch_statistics(x, axes=0, statistic=stat, deviation=dev,
-                                    **params)
-      _assert_close(c, rc, scale, f"{stat}/{dev} center")
-      _assert_close(d, rd, scale, f"{stat}/{dev} deviation")
+  pairs = [(stat, dev) for stat in gbn_jax.STATISTICS
+           for dev in gbn_jax.DEVIATIONS]
+  results = many_statistics(  # every pair in one compiled program
+      x, [dict(statistic=stat, deviation=dev, **params) for stat, dev in pairs],
+      axes=0)
+  assert len(results) == len(pairs) > 40
+  for (stat, dev), (c, d) in zip(pairs, results):
+    rc, rd = ref.batch_statistics(x, axes=0, statistic=stat, deviation=dev,
+                                  **params)
+    _assert_close(c, rc, scale, f"{stat}/{dev} center")
+    _assert_close(d, rd, scale, f"{stat}/{dev} deviation")
 
 
 def test_registries_have_the_spec_names():
@@ -143,17 +157,36 @@ def test_quantile_rank_rule_matches_numpy_inverted_cdf():
   # The reference's rank rule vs numpy's inverted_cdf, where α n is not
   # within float32 rounding of a whole number (there they must agree).
   rng = np.random.default_rng(4)
-  for n in (1, 2, 7, 40, 101):
+  ns = (1, 2, 7, 40, 101)
+  alphas = (0.01, 0.13, 0.37, 0.5, 0.62, 0.99)
+  # Each n is one channel of a (101, 5) array (the mask picks the sample),
+  # every α in one compiled program.
+  x = np.zeros((max(ns), len(ns)), np.float32)
+  mask = np.zeros(x.shape, bool)
+  samples = []
+  for j, n in enumerate(ns):
     v = rng.standard_normal(n)
-    for alpha in (0.01, 0.13, 0.37, 0.5, 0.62, 0.99):
+    samples.append(v)
+    x[:n, j], mask[:n, j] = v, True
+  results = many_statistics(
+      x, [dict(statistic="quantile", deviation="std", alpha=alpha)
+          for alpha in alphas], axes=0, mask=mask)
+  checked = 0
+  for j, (n, v) in enumerate(zip(ns, samples)):
+    for alpha, (c, _) in zip(alphas, results):
       if abs(alpha * n - round(alpha * n)) < 1e-4:
         continue
       expected = np.quantile(v, alpha, method="inverted_cdf")
       assert ref.quantile(v, alpha) == expected, (n, alpha)
-      x = jnp.asarray(v[:, None], jnp.float32)
-      c, _ = gbn_jax.batch_statistics(x, axes=0, statistic="quantile",
-                                      deviation="std", alpha=alpha)
-      assert float(c[0]) == np.float32(expected), (n, alpha)
+      assert float(c[j]) == np.float32(expected), (n, alpha)
+      checked += 1
+  assert checked >= 25
+  # and once through the public batch_statistics
+  c, _ = gbn_jax.batch_statistics(
+      jnp.asarray(samples[3][:, None], jnp.float32), axes=0,
+      statistic="quantile", deviation="std", alpha=0.37)
+  assert float(c[0]) == np.float32(
+      np.quantile(samples[3], 0.37, method="inverted_cdf"))
 
 
 def test_superquantile_is_the_exact_cvar():

@@ -24,6 +24,7 @@ import pytest
 import gbn_jax
 from gbn_jax import batch_statistics, normalize
 from tests import _ref_reliability as ref
+from tests.batched import many_statistics
 
 F32_MAX = float(np.finfo(np.float32).max)
 DEVS = sorted(gbn_jax.DEVIATIONS)
@@ -66,6 +67,14 @@ _jit_stats = jax.jit(batch_statistics, static_argnames=(
     "axes", "statistic", "deviation", "alpha", "p", "levels", "weights"))
 
 
+@jax.jit
+def _normalize(x, s, d):
+  """The output of ``_layer`` from its (S, D)."""
+  c = x.shape[-1]
+  return normalize(x, s, jnp.square(d), axes=0, scale=jnp.full((c,), 2.0),
+                   bias=jnp.full((c,), 0.25))
+
+
 def _grad_finite(x, deviation, statistic=None, mask=None):
   w = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
   g = jax.jit(jax.grad(
@@ -89,15 +98,27 @@ def _ftz(v):
 def test_constant_channel_gives_beta_exactly(deviation):
   consts = np.asarray(CONSTANTS, np.float32)
   x = jnp.asarray(np.broadcast_to(consts, (7, consts.size)))
-  for statistic, gaussian in ((None, False), (None, True), ("mean", False),
-                              ("median", False), ("midrange", False)):
-    if True:
-      s, d, y = _jit_layer(x, deviation, statistic, gaussian=gaussian)
-      np.testing.assert_array_equal(np.asarray(d), 0.0)
-      # XLA flushes subnormals to zero (CPU and GPU): S is c, or 0 for 1e-40
-      s = np.asarray(s)
-      assert ((s == consts) | (s == _ftz(consts))).all(), (statistic, s)
-      np.testing.assert_array_equal(np.asarray(y), 0.25)
+  cases = [(statistic, gaussian and deviation != "half_range")
+           for statistic, gaussian in ((None, False), (None, True),
+                                       ("mean", False), ("median", False),
+                                       ("midrange", False))]
+  # every configuration on one Sample in one compiled program; the output is
+  # _layer's normalize of each (S, D)
+  results = many_statistics(
+      x, [dict(statistic=statistic, deviation=deviation,
+               gaussian_consistent=gaussian, **_params(deviation, statistic))
+          for statistic, gaussian in cases], axes=0)
+  for (statistic, _), (s, d) in zip(cases, results):
+    y = _normalize(x, s, d)
+    np.testing.assert_array_equal(np.asarray(d), 0.0)
+    # XLA flushes subnormals to zero (CPU and GPU): S is c, or 0 for 1e-40
+    s = np.asarray(s)
+    assert ((s == consts) | (s == _ftz(consts))).all(), (statistic, s)
+    np.testing.assert_array_equal(np.asarray(y), 0.25)
+  # and once through the public path (batch_statistics + normalize)
+  _, d, y = _jit_layer(x, deviation, None)
+  np.testing.assert_array_equal(np.asarray(d), 0.0)
+  np.testing.assert_array_equal(np.asarray(y), 0.25)
   assert _grad_finite(x[:, :4], deviation)  # moderate constants
 
 
@@ -120,12 +141,13 @@ def test_constant_channel_module_and_running_averages():
 def test_batch_of_one(shape):
   x = jnp.asarray(np.random.default_rng(1).normal(size=shape) * 10, jnp.float32)
   axes = tuple(range(len(shape) - 1))
+  configs = [dict(statistic=stat, deviation=dev, **_params(dev, stat))
+             for dev in DEVS for stat in (None, "mean")]
+  # every configuration on one Sample, in one compiled program
+  for cfg, (s, d) in zip(configs, many_statistics(x, configs, axes=axes)):
+    np.testing.assert_array_equal(np.asarray(d), 0.0, err_msg=str(cfg))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(x).reshape(-1))
   for dev in DEVS:
-    for stat in (None, "mean"):
-      kw = _params(dev, stat)
-      s, d = _jit_stats(x, axes=axes, statistic=stat, deviation=dev, **kw)
-      np.testing.assert_array_equal(np.asarray(d), 0.0)
-      np.testing.assert_array_equal(np.asarray(s), np.asarray(x).reshape(-1))
     m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, deviation=dev,
                                      **_params(dev))
     v = m.init(jax.random.key(0), x)

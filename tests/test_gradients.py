@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 import gbn_jax
 from tests import reference as ref
 from gbn_jax.sample import Sample
+from tests.batched import many_statistics
 
 LEVELS = (0.3, 0.8)
 WEIGHTS = (0.35, 0.65)
@@ -134,13 +135,13 @@ def test_grad_every_measure_vs_sort_reference(masked):
   names = [("S", n) for n in J_STATISTICS] + [("D", n) for n in J_DEVIATIONS]
 
   def lib_all(x):
-    out = []
-    for kind, name in names:
-      if kind == "S":
-        out.append(jnp.dot(w, lib(x, name, "std", mask)[0]))
-      else:
-        out.append(jnp.dot(w, lib(x, "mean", name, mask)[1]))
-    return jnp.stack(out)
+    # every measure on one Sample (tests/batched.py)
+    configs = [dict(statistic=name, deviation="std", **PARAMS) if kind == "S"
+               else dict(statistic="mean", deviation=name, **PARAMS)
+               for kind, name in names]
+    results = many_statistics(x, configs, axes=0, mask=mask)
+    return jnp.stack([jnp.dot(w, sd[0] if kind == "S" else sd[1])
+                      for (kind, _), sd in zip(names, results)])
 
   def ref_all(x):
     table = {"S": J_STATISTICS, "D": J_DEVIATIONS}
@@ -247,10 +248,15 @@ def test_check_grads():
               modes=("rev",), **tol)
 
   # All other measures stacked: one function, one compilation per mode.
-  def all_measures(x):
-    out = [lib(x, "mean", dev)[1] for dev in SMOOTH + PIECEWISE]
-    out += [lib(x, stat, "std")[0]
-            for stat in ("quantile", "median", "midrange", "mixed_quantile")]
+  def all_measures(x):  # on one Sample (tests/batched.py)
+    devs = SMOOTH + PIECEWISE
+    stats = ("quantile", "median", "midrange", "mixed_quantile")
+    results = many_statistics(
+        x, [dict(statistic="mean", deviation=dev, **PARAMS) for dev in devs]
+        + [dict(statistic=stat, deviation="std", **PARAMS) for stat in stats],
+        axes=0)
+    out = [d for _, d in results[:len(devs)]]
+    out += [c for c, _ in results[len(devs):]]
     return jnp.stack(out)
 
   check_grads(jax.jit(all_measures), (x,), order=1, modes=("rev",), **tol)

@@ -20,6 +20,7 @@ import pytest
 
 import gbn_jax
 from gbn_jax import batch_statistics
+from tests.batched import many_statistics
 
 HALF = [jnp.bfloat16, jnp.float16]
 TOL = {jnp.bfloat16: 2.0**-6, jnp.float16: 2.0**-9}
@@ -43,15 +44,25 @@ def test_functional_reduces_in_float32(half):
   x32 = _data()
   xh = x32.astype(half)
   mask = jnp.asarray(np.random.default_rng(1).random((16, 3)) < 0.8)
-  for dev in DEVS:
-    for m in (None, mask):
-      sh, dh = batch_statistics(xh, axes=0, deviation=dev, mask=m, **_kw(dev))
+  configs = [dict(deviation=dev, **_kw(dev)) for dev in DEVS]
+  for m in (None, mask):
+    # every deviation on one Sample per input, in one compiled program
+    half = many_statistics(xh, configs, axes=0, mask=m)
+    # the same numbers as float32: identical statistics
+    full = many_statistics(xh.astype(jnp.float32), configs, axes=0, mask=m)
+    for dev, (sh, dh), (s2, d2) in zip(DEVS, half, full):
       assert sh.dtype == dh.dtype == jnp.float32
-      # the same numbers as float32: identical statistics
-      s2, d2 = batch_statistics(xh.astype(jnp.float32), axes=0, deviation=dev,
-                                mask=m, **_kw(dev))
-      np.testing.assert_array_equal(np.asarray(sh), np.asarray(s2))
-      np.testing.assert_array_equal(np.asarray(dh), np.asarray(d2))
+      np.testing.assert_array_equal(np.asarray(sh), np.asarray(s2), dev)
+      np.testing.assert_array_equal(np.asarray(dh), np.asarray(d2), dev)
+  # and once through the public batch_statistics
+  sh, dh = batch_statistics(xh, axes=0, deviation="superquantile", mask=mask,
+                            **_kw("superquantile"))
+  assert sh.dtype == dh.dtype == jnp.float32
+  s2, d2 = batch_statistics(xh.astype(jnp.float32), axes=0,
+                            deviation="superquantile", mask=mask,
+                            **_kw("superquantile"))
+  np.testing.assert_array_equal(np.asarray(sh), np.asarray(s2))
+  np.testing.assert_array_equal(np.asarray(dh), np.asarray(d2))
 
 
 def test_float16_range_does_not_overflow():

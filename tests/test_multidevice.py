@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import gbn_jax
 from tests import reference as ref
+from tests.batched import many_statistics
 
 N_DEV = 8
 PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
@@ -36,16 +37,23 @@ def _configs():
   return out
 
 
-def _all_measures(x, mask, axis_name=None, groups=None):
-  """Every deviation (natural statistic) and every statistic, stacked."""
-  centers, devs = [], []
-  for dev, stat in _configs():
-    c, d = gbn_jax.batch_statistics(
+def _all_measures(x, mask, axis_name=None, groups=None, public=False):
+  """Every deviation (natural statistic) and every statistic, stacked.
+
+  All on one Sample in one compiled program (tests/batched.py), or with
+  ``public`` one ``gbn_jax.batch_statistics`` call each."""
+  if public:
+    out = [gbn_jax.batch_statistics(
         x, axes=(0, 1), statistic=stat, deviation=dev, mask=mask,
         axis_name=axis_name, axis_index_groups=groups, **PARAMS)
-    centers.append(c)
-    devs.append(d)
-  return jnp.stack(centers), jnp.stack(devs)
+           for dev, stat in _configs()]
+  else:
+    kw = {} if axis_name is None else dict(axis_name=axis_name,
+                                           axis_index_groups=groups)
+    out = many_statistics(
+        x, [dict(statistic=stat, deviation=dev, **PARAMS)
+            for dev, stat in _configs()], axes=(0, 1), mask=mask, **kw)
+  return jnp.stack([c for c, _ in out]), jnp.stack([d for _, d in out])
 
 
 def _check(got, xs, masks, groups):
@@ -115,8 +123,10 @@ def test_shard_map_and_sharded_jit_equal_one_device():
   want_c, want_d = (np.asarray(a) for a in _all_measures(jnp.asarray(x_cat),
                                                          None))
   # shard_map with the axis name: every shard gets the global statistics.
+  # (through the public batch_statistics, one call per measure)
   sm = jax.jit(jax.shard_map(
-      lambda x: tuple(a[None] for a in _all_measures(x, None, "batch")),
+      lambda x: tuple(a[None] for a in _all_measures(x, None, "batch",
+                                                      public=True)),
       mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
   got_c, got_d = (np.asarray(a) for a in sm(x_cat))
   for i in range(N_DEV):

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax import batch_statistics
+from tests.batched import many_statistics
 
 N_EXAMPLES = 15
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,
@@ -59,16 +60,23 @@ def samples(draw, n_arrays=1):
   return xs, axes, ALPHA
 
 
+_CONFIGS = [
+    dict(statistic=stat, deviation=dev, alpha=ALPHA, p=3.0,
+         **(LEVELS if "mixed" in dev or stat == "mixed_quantile" else {}))
+    for dev in DEVS
+    for stat in [None] + (STATS if dev == "superquantile" else [])
+]
+
+
 def _all_measures(x, axes, alpha, mask=None):
-  """{(statistic or None, deviation): (S, D)} as float64 numpy arrays."""
-  out = {}
-  for dev in DEVS:
-    for stat in [None] + (STATS if dev == "superquantile" else []):
-      kw = dict(LEVELS) if "mixed" in dev or stat == "mixed_quantile" else {}
-      s, d = _stats(jnp.asarray(x), axes=axes, statistic=stat,
-                    deviation=dev, alpha=alpha, p=3.0, mask=mask, **kw)
-      out[(stat, dev)] = (np.asarray(s), np.asarray(d))
-  return out
+  """{(statistic or None, deviation): (S, D)} as float64 numpy arrays.
+
+  Every configuration in one compiled program per shape (tests/batched.py),
+  shared by all examples and properties."""
+  assert alpha == ALPHA
+  results = many_statistics(x, _CONFIGS, axes=axes, mask=mask)
+  return {(cfg["statistic"], cfg["deviation"]): (np.asarray(s), np.asarray(d))
+          for cfg, (s, d) in zip(_CONFIGS, results)}
 
 
 def _scale(x):
@@ -83,6 +91,12 @@ def test_translation(sample, c):
   shifted = x + c
   a, b = _all_measures(x, axes, alpha), _all_measures(shifted, axes, alpha)
   tol = 2e-5 * (_scale(x) + abs(c))
+  # the public batch_statistics gives the same (one configuration per shape)
+  s_pub, d_pub = _stats(jnp.asarray(x), axes=axes, deviation="superquantile",
+                        alpha=alpha, p=3.0)
+  np.testing.assert_array_equal(np.asarray(s_pub), a[(None, "superquantile")][0])
+  np.testing.assert_allclose(np.asarray(d_pub), a[(None, "superquantile")][1],
+                             rtol=1e-6, atol=1e-6 * _scale(x))
   for (stat, dev), (s, d) in a.items():
     s2, d2 = b[(stat, dev)]
     name = stat or gbn_jax.NATURAL_STATISTIC[dev]
@@ -169,8 +183,8 @@ def test_gbn_output_invariant_under_affine_maps(sample, lam, c, deviation):
   y2 = apply(v, x2)
   y1, y2 = np.asarray(y1), np.asarray(y2)
   # compare channels whose spread is not lost in the rounding of λx + c
-  _, d = _stats(jnp.asarray(x), axes=axes, deviation=deviation,
-                alpha=alpha, p=3.0, **kw)
+  # (the all-measures program of this shape: compiled once for all examples)
+  _, d = _all_measures(x, axes, alpha)[(None, deviation)]
   keep = np.expand_dims(np.asarray(d) > 1e-2 * (_scale(x) + abs(c) / lam), axes)
   keep = np.broadcast_to(keep, x.shape)
   np.testing.assert_allclose(y2[keep], y1[keep], rtol=1e-3, atol=1e-3)

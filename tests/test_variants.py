@@ -12,18 +12,28 @@ import numpy as np
 
 import gbn_jax
 from tests import reference as ref
+from tests.batched import many_statistics
 
 PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
 DEVIATIONS = list(gbn_jax.DEVIATIONS)
 STATISTICS = list(gbn_jax.STATISTICS)
 
 
-def all_measures(x, mask=None):
+def all_measures(x, mask=None, shared=False):
   """(centers, devs): every deviation with its natural statistic, then every
-  statistic with ``std``; stacked on a new leading axis."""
+  statistic with ``std``; stacked on a new leading axis.
+
+  One ``batch_statistics`` call per pair, or (``shared``) every pair on one
+  Sample in one compiled program (tests/batched.py)."""
   pairs = [(None, d) for d in DEVIATIONS] + [(s, "std") for s in STATISTICS]
-  out = [gbn_jax.batch_statistics(x, axes=(0, 1), statistic=s, deviation=d,
-                                  mask=mask, **PARAMS) for s, d in pairs]
+  if shared:
+    out = many_statistics(
+        x, [dict(statistic=s, deviation=d, **PARAMS) for s, d in pairs],
+        axes=(0, 1), mask=mask)
+  else:
+    out = [gbn_jax.batch_statistics(x, axes=(0, 1), statistic=s,
+                                    deviation=d, mask=mask, **PARAMS)
+           for s, d in pairs]
   return (jnp.stack([c for c, _ in out]), jnp.stack([d for _, d in out]))
 
 
@@ -113,7 +123,8 @@ def test_vmap_matches_loop():
   # vmap over an extra leading axis (e.g. an ensemble) = one call per slice.
   xs = _data(7, (3, 5, 3, 4))
   masks = jnp.asarray(np.random.default_rng(8).random(xs.shape) < 0.7)
-  got_c, got_d = jax.jit(jax.vmap(all_measures))(xs, masks)
+  got_c, got_d = jax.jit(jax.vmap(
+      lambda x, m: all_measures(x, m, shared=True)))(xs, masks)
   for i in range(xs.shape[0]):
     want_c, want_d = ref_all_measures(xs[i], np.asarray(masks[i]))
     np.testing.assert_allclose(got_c[i], want_c, rtol=2e-5, atol=2e-5)
@@ -132,14 +143,16 @@ def test_mask_equals_the_restricted_sample():
   # Masking whole rows = dropping those rows (the Flax meaning of mask).
   x = _data(9, (7, 3, 4))
   rows = np.array([True, False, True, True, False, True, False])
-  got = all_measures(x, jnp.asarray(rows[:, None, None]))
-  want = all_measures(x[np.flatnonzero(rows)])
+  # (every measure on one Sample per call: four compiled programs in all)
+  got = all_measures(x, jnp.asarray(rows[:, None, None]), shared=True)
+  want = all_measures(x[np.flatnonzero(rows)], shared=True)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
   # All-True mask = no mask.
-  full = all_measures(x, jnp.ones(x.shape, bool))
-  np.testing.assert_allclose(full[0], all_measures(x)[0], rtol=1e-6)
-  np.testing.assert_allclose(full[1], all_measures(x)[1], rtol=1e-6)
+  full = all_measures(x, jnp.ones(x.shape, bool), shared=True)
+  none = all_measures(x, shared=True)
+  np.testing.assert_allclose(full[0], none[0], rtol=1e-6)
+  np.testing.assert_allclose(full[1], none[1], rtol=1e-6)
 
 
 def test_masked_out_values_may_be_nan_or_inf():
@@ -153,7 +166,7 @@ def test_masked_out_values_may_be_nan_or_inf():
   x_padded = jnp.where(jnp.asarray(mask), x, jnp.asarray(junk))
 
   def loss(x):
-    c, d = all_measures(x, jnp.asarray(mask))
+    c, d = all_measures(x, jnp.asarray(mask), shared=True)
     return jnp.sum(c) + jnp.sum(d), (c, d)
 
   f = jax.jit(jax.grad(loss, has_aux=True))
