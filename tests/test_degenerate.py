@@ -75,11 +75,45 @@ def _normalize(x, s, d):
                    bias=jnp.full((c,), 0.25))
 
 
-def _grad_finite(x, deviation, statistic=None, mask=None):
+@functools.partial(jax.jit, static_argnames=("deviations",))
+def _layer_grads(x, mask, deviations):
+  """d/dx of sum(y * w) through ``_layer`` for each deviation, ONE program."""
   w = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
-  g = jax.jit(jax.grad(
-      lambda x: jnp.sum(_layer(x, deviation, statistic, mask)[2] * w)))(x)
-  return bool(jnp.all(jnp.isfinite(g)))
+  return tuple(jax.grad(lambda v: jnp.sum(_layer(v, dev, None, mask)[2] * w))(x)
+               for dev in deviations)
+
+
+def _grads_finite(x, mask=None):
+  """{deviation: every gradient entry finite} for every deviation."""
+  grads = _layer_grads(x, mask, tuple(DEVS))
+  return {dev: bool(jnp.all(jnp.isfinite(g))) for dev, g in zip(DEVS, grads)}
+
+
+ALL_STATS = ["mean", "median", "quantile", "midrange", "mixed_quantile"]
+
+
+def _layers(x, mask=None, statistics=ALL_STATS, deviations=DEVS):
+  """{(statistic, deviation): (S, D, y)}: ``_layer`` for every pair.
+
+  S and D are separate measures (SPEC: any statistic pairs with any
+  deviation), so each is computed once, all in one compiled program
+  (tests/batched.py), and paired here; ``statistic=None`` is the natural one.
+  y = ``_normalize(x, S, D)``, the layer's output. The public path
+  (``_jit_layer``) is checked against this in ``test_layers_equal_public_path``.
+  """
+  configs = ([dict(deviation=dev, **_params(dev)) for dev in deviations]
+             + [dict(statistic=st, deviation="std", **_params("std", st))
+                for st in statistics])
+  res = many_statistics(x, configs, axes=0, mask=mask)
+  natural = dict(zip(deviations, res))
+  by_stat = {st: r[0] for st, r in zip(statistics, res[len(deviations):])}
+  out = {}
+  for dev in deviations:
+    for st in [None, *statistics]:
+      s = natural[dev][0] if st is None else by_stat[st]
+      d = natural[dev][1]
+      out[(st, dev)] = (s, d, _normalize(x, s, d))
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -119,22 +153,29 @@ def test_constant_channel_gives_beta_exactly(deviation):
   _, d, y = _jit_layer(x, deviation, None)
   np.testing.assert_array_equal(np.asarray(d), 0.0)
   np.testing.assert_array_equal(np.asarray(y), 0.25)
-  assert _grad_finite(x[:, :4], deviation)  # moderate constants
+  assert _grads_finite(x[:, :4])[deviation]  # moderate constants
 
 
 def test_constant_channel_module_and_running_averages():
   x = jnp.broadcast_to(jnp.asarray([0.1, -7.3, 1e-40, 1e30]), (5, 4))
-  for dev in DEVS:
-    m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, deviation=dev,
-                                     bias_init=jax.nn.initializers.constant(0.5),
-                                     **_params(dev))
-    v = m.init(jax.random.key(0), x)
-    y, upd = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(v, x)
-    np.testing.assert_array_equal(np.asarray(y), 0.5)
+  outs = _apply_modules(x, bias_init=jax.nn.initializers.constant(0.5))
+  for dev, (y, upd) in zip(DEVS, outs):
+    np.testing.assert_array_equal(np.asarray(y), 0.5, err_msg=dev)
     st = upd["batch_stats"]
     np.testing.assert_allclose(np.asarray(st["mean"]), 0.01 * _ftz(x[0]),
                                rtol=1e-6)
     np.testing.assert_allclose(np.asarray(st["var"]), 0.99, rtol=1e-6)
+
+
+def _apply_modules(x, **fields):
+  """(y, updates) of a train-mode ``GeneralizedBatchNorm`` for every
+  deviation, all applied in one compiled program."""
+  mods = [gbn_jax.GeneralizedBatchNorm(use_running_average=False,
+                                       deviation=dev, **fields, **_params(dev))
+          for dev in DEVS]
+  variables = [m.init(jax.random.key(0), x) for m in mods]
+  return jax.jit(lambda vs, x: [m.apply(v, x, mutable=["batch_stats"])
+                                for m, v in zip(mods, vs)])(variables, x)
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (1, 1, 1, 5)])
@@ -147,13 +188,9 @@ def test_batch_of_one(shape):
   for cfg, (s, d) in zip(configs, many_statistics(x, configs, axes=axes)):
     np.testing.assert_array_equal(np.asarray(d), 0.0, err_msg=str(cfg))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(x).reshape(-1))
-  for dev in DEVS:
-    m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, deviation=dev,
-                                     **_params(dev))
-    v = m.init(jax.random.key(0), x)
-    y, _ = jax.jit(functools.partial(m.apply, mutable=["batch_stats"]))(v, x)
-    np.testing.assert_array_equal(np.asarray(y), 0.0)
-    assert _grad_finite(x.reshape(1, -1), dev)
+  for dev, (y, _) in zip(DEVS, _apply_modules(x)):
+    np.testing.assert_array_equal(np.asarray(y), 0.0, err_msg=dev)
+  assert all(_grads_finite(x.reshape(1, -1)).values())
 
 
 @pytest.mark.parametrize("deviation", DEVS)
@@ -163,7 +200,7 @@ def test_all_false_mask_channel_is_finite(deviation):
   mask = np.ones((6, 3), bool)
   mask[:, 1] = False  # channel 1: no valid value
   mask[0, 2] = False
-  s, d, y = _jit_layer(x, deviation, None, jnp.asarray(mask))
+  s, d, y = _layers(x, jnp.asarray(mask))[(None, deviation)]
   assert np.isfinite(np.asarray(y)).all()
   assert float(s[1]) == 0.0 and float(d[1]) == 0.0
   # the other channels: the masked reference
@@ -171,7 +208,7 @@ def test_all_false_mask_channel_is_finite(deviation):
                                 mask=mask, **_params(deviation))
   np.testing.assert_allclose(np.asarray(s)[[0, 2]], rs[[0, 2]], rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(d)[[0, 2]], rd[[0, 2]], rtol=2e-5, atol=1e-6)
-  assert _grad_finite(x, deviation, mask=jnp.asarray(mask))
+  assert _grads_finite(x, jnp.asarray(mask))[deviation]
 
 
 def test_module_all_false_mask_keeps_running_averages_finite():
@@ -203,9 +240,10 @@ def test_near_float32_limits_order_statistic_measures(statistic):
   rng = np.random.default_rng(4)
   for scale in (F32_MAX / 2, 1e-30):  # huge, and tiny (D^2 underflows)
     x = _extreme_batch(rng, scale)
+    layers = _layers(jnp.asarray(x))
     for dev in ORDER_DEVS:
       kw = _params(dev, statistic)
-      s, d, y = _jit_layer(jnp.asarray(x), dev, statistic)
+      s, d, y = layers[(statistic, dev)]
       s, d, y = map(np.asarray, (s, d, y))
       rs, rd = ref.batch_statistics(x, (0,), statistic_name=statistic,
                                     deviation_name=dev, **kw)
@@ -251,9 +289,10 @@ def test_inf_in_a_channel(deviation):
   x[4, 1] = -np.inf     # channel 1: -inf
   x[5, 2], x[6, 2] = np.inf, -np.inf  # channel 2: both
   clean[:, 1:3] = rng.normal(size=(9, 2))
+  layers, clean_layers = _layers(jnp.asarray(x)), _layers(jnp.asarray(clean))
   for statistic in (None, "mean", "median", "quantile", "midrange"):
-    s, d, y = map(np.asarray, _jit_layer(jnp.asarray(x), deviation, statistic))
-    s2, d2, y2 = map(np.asarray, _jit_layer(jnp.asarray(clean), deviation, statistic))
+    s, d, y = map(np.asarray, layers[(statistic, deviation)])
+    s2, d2, y2 = map(np.asarray, clean_layers[(statistic, deviation)])
     for a, b in ((s, s2), (d, d2), (y, y2)):  # channel 3 bit for bit
       np.testing.assert_array_equal(a[..., 3], b[..., 3])
     stat = statistic or ref.NATURAL[deviation]
@@ -279,9 +318,10 @@ def test_nan_channel_isolated_bit_for_bit(deviation):
     bad, clean = x.copy(), x.copy()
     bad[rows, channel] = np.nan
     clean[:, channel] = rng.normal(size=8)
+    bad_layers, clean_layers = _layers(jnp.asarray(bad)), _layers(jnp.asarray(clean))
     for statistic in (None, "mean", "quantile"):
-      out_bad = _jit_layer(jnp.asarray(bad), deviation, statistic)
-      out_clean = _jit_layer(jnp.asarray(clean), deviation, statistic)
+      out_bad = bad_layers[(statistic, deviation)]
+      out_clean = clean_layers[(statistic, deviation)]
       for a, b in zip(out_bad, out_clean):
         _other_channels_identical(a, b, channel)
       assert np.isnan(np.asarray(out_bad[2])[:, channel]).all()
@@ -302,20 +342,45 @@ def test_masked_out_inf_and_nan_change_nothing(deviation):
   dirty[1, 0], dirty[5, 2] = np.inf, np.nan
   zeroed = x.copy()
   zeroed[1, 0] = zeroed[5, 2] = 0.0
-  a = _jit_layer(jnp.asarray(dirty), deviation, None, jnp.asarray(mask))
-  b = _jit_layer(jnp.asarray(zeroed), deviation, None, jnp.asarray(mask))
+  a = _layers(jnp.asarray(dirty), jnp.asarray(mask))[(None, deviation)]
+  b = _layers(jnp.asarray(zeroed), jnp.asarray(mask))[(None, deviation)]
   np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
   ya, yb = np.asarray(a[2]), np.asarray(b[2])
   np.testing.assert_array_equal(ya[mask], yb[mask])
   assert np.isfinite(ya[mask]).all()
   # and the gradients of the valid values (0 * inf must not leak as NaN)
+  i = DEVS.index(deviation)
+  ga = _statistics_grads(jnp.asarray(dirty), jnp.asarray(mask))[i]
+  gb = _statistics_grads(jnp.asarray(zeroed), jnp.asarray(mask))[i]
+  np.testing.assert_array_equal(np.asarray(ga)[mask], np.asarray(gb)[mask])
+
+
+@jax.jit
+def _statistics_grads(x, mask):
+  """d/dx of S·w0 + D·w1 (through S and D: the outputs at the padding are
+  inf/NaN) for every deviation, one program."""
   w = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
 
-  def loss(v):  # through S and D (the outputs at the padding are inf/NaN)
-    s, d, _ = _layer(v, deviation, None, jnp.asarray(mask))
+  def loss(v, dev):
+    s, d, _ = _layer(v, dev, None, mask)
     return jnp.sum(s * w[0]) + jnp.sum(d * w[1])
 
-  grad = jax.jit(jax.grad(loss))
-  ga, gb = grad(jnp.asarray(dirty)), grad(jnp.asarray(zeroed))
-  np.testing.assert_array_equal(np.asarray(ga)[mask], np.asarray(gb)[mask])
+  return tuple(jax.grad(loss)(x, dev) for dev in DEVS)
+
+
+@pytest.mark.parametrize("deviation", ["superquantile", "mixed_superquantile",
+                                       "median_abs"])
+def test_layers_equal_public_path(deviation):
+  # _layers (S and D as separate measures, paired) is the public
+  # batch_statistics + normalize, here on data with ±inf, NaN and a mask.
+  rng = np.random.default_rng(11)
+  x = np.asarray(rng.normal(size=(9, 4)), np.float32)
+  x[3, 0], x[4, 1], x[5, 2] = np.inf, -np.inf, np.nan
+  mask = jnp.asarray(rng.random((9, 4)) < 0.8)
+  for m, statistic in ((None, None), (mask, "mean")):
+    ours = _layers(jnp.asarray(x), m)[(statistic, deviation)]
+    public = _jit_layer(jnp.asarray(x), deviation, statistic, m)
+    for a, b in zip(ours, public):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                                 atol=1e-6, err_msg=f"{statistic} {m is None}")

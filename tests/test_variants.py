@@ -5,6 +5,8 @@ Flax, and a channel with no valid value gives finite output, never NaN --
 values, layer outputs and gradients.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,9 @@ class VariantsTest(chex.TestCase):
   def test_masked_with_empty_channel(self):
     x = _data(2)
     mask = _empty_channel_mask(x.shape)
-    got_c, got_d = self.variant(all_measures)(x, jnp.asarray(mask))
+    # every measure on one Sample (one program, jitted inside or not)
+    got_c, got_d = self.variant(functools.partial(all_measures, shared=True))(
+        x, jnp.asarray(mask))
     want_c, want_d = ref_all_measures(x, mask)  # empty channel: 0
     assert np.all(np.isfinite(got_c)) and np.all(np.isfinite(got_d))
     np.testing.assert_array_equal(got_c[:, 1], 0.0)
@@ -89,7 +93,7 @@ class VariantsTest(chex.TestCase):
     mask = jnp.asarray(_empty_channel_mask(x.shape))
 
     def loss(x):
-      c, d = all_measures(x, mask)
+      c, d = all_measures(x, mask, shared=True)
       return jnp.sum(c) + jnp.sum(d)
 
     g = self.variant(jax.grad(loss))(x)
