@@ -283,7 +283,7 @@ def test_half_precision_reductions_count_exactly():
                                     f"{stat} alpha={alpha} mask={m is not None}")
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     n=st.integers(1, 50),
     alpha=st.floats(0.01, 0.99),

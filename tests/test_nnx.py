@@ -198,3 +198,43 @@ def test_input_gradients_equal_linen(mode):
   g_nnx = jax.grad(lambda x: jnp.sum(w * nnx.clone(layer)(x)))(x)
   np.testing.assert_allclose(g_nnx, jax.grad(f_linen)(x), rtol=1e-5, atol=1e-5)
   assert np.abs(g_nnx).max() > 0
+
+
+@pytest.mark.parametrize("mode", ["batch", "online"])
+def test_across_devices_equals_one_device(mode):
+  """shard_map over 8 devices with axis_name: two train steps give every
+  shard the outputs and running averages of one device on the whole batch."""
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  n_dev, local = 8, 3
+  mesh = Mesh(np.array(jax.devices()[:n_dev]), ("batch",))
+  xs = _inputs((n_dev * local, 4), n=2)
+  cfg = dict(deviation="superquantile", alpha=0.7, momentum=0.8, mode=mode)
+  sharded = GeneralizedBatchNorm(4, axis_name="batch", rngs=nnx.Rngs(0), **cfg)
+  single = GeneralizedBatchNorm(4, rngs=nnx.Rngs(0), **cfg)
+  graphdef, state = nnx.split(sharded)
+
+  def step(state, x):
+    layer = nnx.merge(graphdef, state)
+    y = layer(x)
+    # every shard's new state, stacked, so each copy can be checked
+    return y, jax.tree.map(lambda a: a[None], nnx.state(layer))
+
+  # check_vma=False: the selection's custom cross-device max is not typed as
+  # device-invariant (the values are; the test checks every copy).
+  sm_step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")),
+                                  out_specs=(P("batch"), P("batch")),
+                                  check_vma=False))
+  for x in xs:
+    y, states = sm_step(state, x)
+    np.testing.assert_allclose(y, single(x), rtol=1e-5, atol=1e-5)
+    want_stats = nnx.state(single, nnx.BatchStat)
+    for i in range(n_dev):
+      got = nnx.state(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], states)),
+                      nnx.BatchStat)
+      assert set(got) == set(want_stats)
+      for name in want_stats:
+        np.testing.assert_allclose(got[name][...], want_stats[name][...],
+                                   rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{name}, shard {i}")
+    state = jax.tree.map(lambda a: a[0], states)

@@ -29,7 +29,7 @@ import gbn_jax
 from gbn_jax import batch_statistics
 from tests.batched import many_statistics
 
-N_EXAMPLES = 15
+N_EXAMPLES = 10
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,
                     database=None)
 DEVS = sorted(gbn_jax.DEVIATIONS)

@@ -93,7 +93,7 @@ def _check_pair(v, deviation, alpha=0.5, unique=True):
     assert lc == pytest.approx(c_min, abs=1e-5 * spread), what
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     n=st.integers(5, 60),
     seed=st.integers(0, 2**31 - 1),
