@@ -21,7 +21,12 @@ import numpy as np
 from jax import lax
 
 from gbn_jax import catalogue
-from gbn_jax.sample import Sample, canonicalize_axes
+from gbn_jax.sample import (
+    Sample,
+    canonicalize_axes,
+    check_axis_index_groups,
+    check_floating_input,
+)
 
 Array = jax.Array
 
@@ -164,23 +169,7 @@ def check_layer_fields(
       raise ValueError(
           f"{name} must be an initializer, f(key, shape, dtype); got {init!r}"
       )
-  if axis_index_groups is not None and axis_name is None:
-    raise ValueError(
-        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
-        " got axis_name=None"
-    )
-
-
-def check_floating_input(x) -> None:
-  """Integer / bool input is a ``TypeError`` (cast first), as in the docs."""
-  dt = getattr(x, "dtype", None)
-  if dt is None:
-    dt = jnp.asarray(x).dtype
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(
-        f"gbn_jax normalizes floating-point input; got dtype {dt}."
-        " Cast it first, e.g. x.astype(jnp.float32)."
-    )
+  check_axis_index_groups(axis_name, axis_index_groups)
 
 
 def check_p(value) -> float:
@@ -409,11 +398,7 @@ def sample_statistics(
   a user's ``jit``/``pmap``/``shard_map`` it is inlined as usual.
   """
   check_floating_input(x)
-  if axis_index_groups is not None and axis_name is None:
-    raise ValueError(
-        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
-        " got axis_name=None"
-    )
+  check_axis_index_groups(axis_name, axis_index_groups)
   return _sample_statistics_jit(
       jnp.asarray(x),
       None if mask is None else jnp.asarray(mask),

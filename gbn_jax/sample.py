@@ -24,6 +24,27 @@ from jax import lax
 Array = jax.Array
 
 
+def check_floating_input(x) -> None:
+  """Integer / bool input is a ``TypeError`` (cast first), as in the docs."""
+  dt = getattr(x, "dtype", None)
+  if dt is None:
+    dt = jnp.asarray(x).dtype
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+        f"gbn_jax normalizes floating-point input; got dtype {dt}."
+        " Cast it first, e.g. x.astype(jnp.float32)."
+    )
+
+
+def check_axis_index_groups(axis_name, axis_index_groups) -> None:
+  """Groups of a named axis need the axis: a ``ValueError`` without it."""
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(
+        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
+        " got axis_name=None"
+    )
+
+
 def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
   """Sorted, deduplicated, non-negative axes; ``ValueError`` if out of range."""
   if not isinstance(axes, Iterable):
@@ -125,16 +146,8 @@ class Sample:
       raise ValueError(
           f"approximate must be True or False; got {approximate!r}"
       )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(
-          f"gbn_jax normalizes floating-point input; got dtype {x.dtype}."
-          " Cast it first, e.g. x.astype(jnp.float32)."
-      )
-    if axis_index_groups is not None and axis_name is None:
-      raise ValueError(
-          f"axis_index_groups={axis_index_groups!r} needs an axis_name; got"
-          " axis_name=None"
-      )
+    check_floating_input(x)
+    check_axis_index_groups(axis_name, axis_index_groups)
     self.axes = canonicalize_axes(x.ndim, axes)
     self.x = x.astype(reduction_dtype(x.dtype, dtype, force_float32_reductions))
     if mask is not None:

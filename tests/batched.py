@@ -20,13 +20,8 @@ import jax
 import jax.numpy as jnp
 
 import gbn_jax
+from gbn_jax.functional import _hashable  # lists as tuples: static args
 from gbn_jax.sample import Sample
-
-
-def _hashable(v):
-  if isinstance(v, (list, tuple)):
-    return tuple(_hashable(e) for e in v)
-  return v
 
 
 @functools.partial(jax.jit, static_argnames=("measures", "axes", "sample_kw"))
