@@ -105,21 +105,24 @@ def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
 
   def compute():
     mu = sample.mean()
+    average = sample.average
     if sample.mask is None:
       # Around the pivot r (a value of the channel, see Sample.mean): a
       # constant channel gives 0 - 0 = 0 exactly in both forms, and the
       # one-pass form loses less to cancellation than E[x²] - μ².
-      r = sample.pivot()
+      r = sample.expand(sample.pivot())
       if fast_variance:
-        raw = (sample.average(jnp.square(sample.x - sample.expand(r)))
-               - jnp.square(mu - r))
+        raw = (average(lambda x: jnp.square(x - r))
+               - jnp.square(mu - sample.pivot()))
       else:
-        raw = sample.average(jnp.square(sample.x - sample.expand(mu)))
+        mu_e = sample.expand(mu)
+        raw = average(lambda x: jnp.square(x - mu_e))
       return clip_value(raw, 0.0, jnp.inf)
+    mu_e = sample.expand(mu)
     if fast_variance:
-      raw = sample.average(jnp.square(sample.x)) - mu**2
+      raw = average(jnp.square) - mu**2
     else:
-      raw = sample.average(jnp.square(sample.x - sample.expand(mu)))
+      raw = average(lambda x: jnp.square(x - mu_e))
     # 0 <= σ^2 <= (half range)^2 (Popoviciu): exact in real arithmetic, so
     # the clip only removes rounding -- E[x²] - μ² of a constant is 0 exactly.
     return clip_value(raw, 0.0, jnp.square(half_range(sample)))
@@ -129,31 +132,37 @@ def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
 
 def mean_abs(sample: Sample) -> Array:
   """(1/n) Σ |x_i - μ| (the L1 batch norm of Hoffer et al.)."""
-  return sample.average(jnp.abs(sample.x - sample.expand(sample.mean())))
+  mu = sample.expand(sample.mean())
+  return sample.average(lambda x: jnp.abs(x - mu))
 
 
 def lp(sample: Sample, *, p: float) -> Array:
   """((1/n) Σ |x_i - μ|^p)^(1/p), p >= 1."""
-  d = jnp.abs(sample.x - sample.expand(sample.mean()))
-  return _safe_root(sample.average(d**p), 1.0 / p)
+  mu = sample.expand(sample.mean())
+  return _safe_root(
+      sample.average(lambda x: jnp.abs(x - mu) ** p),
+      1.0 / p)
 
 
 def upper_semi(sample: Sample) -> Array:
   """sqrt((1/n) Σ [x_i - μ]_+^2), the upper semideviation."""
-  d = jnp.maximum(sample.x - sample.expand(sample.mean()), 0.0)
-  return _safe_root(sample.average(jnp.square(d)), 0.5)
+  mu = sample.expand(sample.mean())
+  return _safe_root(
+      sample.average(lambda x: jnp.square(jnp.maximum(x - mu, 0.0))), 0.5)
 
 
 def lower_semi(sample: Sample) -> Array:
   """sqrt((1/n) Σ [μ - x_i]_+^2), the lower semideviation."""
-  d = jnp.maximum(sample.expand(sample.mean()) - sample.x, 0.0)
-  return _safe_root(sample.average(jnp.square(d)), 0.5)
+  mu = sample.expand(sample.mean())
+  return _safe_root(
+      sample.average(lambda x: jnp.square(jnp.maximum(mu - x, 0.0))), 0.5)
 
 
 def median_abs(sample: Sample) -> Array:
   """(1/n) Σ |x_i - q_0.5|, the mean absolute deviation from the median."""
   q = order_statistics.quantile(sample, 0.5)
-  return sample.average(jnp.abs(sample.x - sample.expand(q)))
+  q = sample.expand(q)
+  return sample.average(lambda x: jnp.abs(x - q))
 
 
 def superquantile_value(sample: Sample, alpha: float) -> Array:
@@ -172,8 +181,12 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
     # maximum's (0.5 at x == q) was materialized as an extra x-sized buffer
     # (measured: compiled memory). Either tie convention gives the SPEC §3
     # gradient, the q-term cancels the tie share. A NaN x still gives NaN.
-    xq = sample.x - sample.expand(q)
-    excess = jnp.where(xq <= 0.0, jnp.zeros_like(xq), xq)
+    qe = sample.expand(q)
+
+    def excess(x):
+      xq = x - qe
+      return jnp.where(xq <= 0.0, jnp.zeros_like(xq), xq)
+
     # average, then / (1 - α): finite as q̄_α - q_α <= max - q_α is.
     tail = sample.average(excess) / (1.0 - jnp.float32(alpha))
     return q + tail
@@ -217,6 +230,14 @@ def mixed_superquantile(
 # --------------------------------------------------------------------------
 # Registries.
 # --------------------------------------------------------------------------
+
+MEAN_BASED_STATISTICS = frozenset({"mean"})
+MEAN_BASED_DEVIATIONS = frozenset(
+    {"std", "mean_abs", "lp", "upper_semi", "lower_semi"}
+)
+"""Measures built from sums of powers of x - μ: accurate only while those
+sums fit in float32 (README "Guarantees"), so their averages skip the
+overflow-safe form (``Sample(overflow_safe=False)``)."""
 
 STATISTICS = {
     "mean": mean,

@@ -64,6 +64,20 @@ class Measures:
   def __hash__(self):
     return hash(self._key())
 
+  @property
+  def overflow_safe(self) -> bool:
+    """Whether the sample's averages must stay finite near the float32 limits.
+
+    True when an order-statistic measure is involved (README "Guarantees":
+    finite S and D for any |x| <= FLT_MAX / 2); the mean-based measures need
+    Σx² to fit in float32 anyway, so theirs take the faster form
+    (:meth:`gbn_jax.sample.Sample.average`).
+    """
+    return not (
+        self.statistic in catalogue.MEAN_BASED_STATISTICS
+        and self.deviation in catalogue.MEAN_BASED_DEVIATIONS
+    )
+
   def __call__(self, sample: Sample) -> tuple[Array, Array]:
     center = self.statistic_fn(sample, **self.statistic_kwargs)
     dev = self.deviation_fn(sample, **self.deviation_kwargs)
@@ -432,6 +446,7 @@ def _sample_statistics_jit(x, mask, *, measures, axes, axis_name,
       dtype=dtype,
       force_float32_reductions=force_float32_reductions,
       approximate=approximate,
+      overflow_safe=measures.overflow_safe,
   )
   return measures.center_and_dev_sq(sample) if squared else measures(sample)
 

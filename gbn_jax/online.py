@@ -328,9 +328,11 @@ def update(
     qs, scales = [], []
     for i, a in enumerate(levels):
       q, s = old["online_quantiles"][i], old["online_quantile_scale"][i]
-      below = sample.average((x <= sample.expand(q)).astype(x.dtype))  # F̂(q)
+      qe = sample.expand(q)
+      below = sample.average(lambda x: (x <= qe).astype(x.dtype))  # F̂(q)
       q = q + (quantile_step * r * s) * (a - below)
-      s = b * s + r * sample.average(jnp.abs(x - sample.expand(q)))
+      qe = sample.expand(q)
+      s = b * s + r * sample.average(lambda x: jnp.abs(x - qe))
       quantiles[a] = q
       qs.append(q)
       scales.append(s)
@@ -359,7 +361,7 @@ def update(
         None,
         None,
     )
-    phi = dev.moment(x, expanded, **measures.deviation_kwargs)
+    phi = lambda v: dev.moment(v, expanded, **measures.deviation_kwargs)
     m = b * old["online_moment"] + r * sample.average(phi)
     new["online_moment"] = m
   dev_sq = dev.dev_sq(m, trackers, **measures.deviation_kwargs)

@@ -437,7 +437,7 @@ def _subsample_sigma(sample: Sample, mu: Array) -> Array:
       lax.stop_gradient(xs).astype(jnp.float32), (0,), mask=valid,
       axis_name=sample.axis_name, axis_index_groups=sample.axis_index_groups,
   )
-  var = sub.average(jnp.square(sub.x - mu))
+  var = sub.average(lambda x: jnp.square(x - mu))
   return jnp.sqrt(jnp.maximum(var, 0.0))
 
 

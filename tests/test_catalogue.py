@@ -153,6 +153,42 @@ def test_registry_functions_are_pure_functions_of_a_sample():
   )
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_both_average_forms_match_reference(masked):
+  # Sample(overflow_safe=False) sums then divides (the mean-based
+  # configurations' faster form); both forms agree with float64 on ordinary
+  # data, and a constant channel still gets its constant and D = 0 exactly.
+  rng = np.random.default_rng(8)
+  x = ref.skewed(rng, (23, 4), "lognormal") * 3.0 + 2.0
+  x[:, 3] = np.float32(0.1)  # constant: Σ x / n misses 0.1 in float32
+  mask = rng.random((23, 4)) > 0.3 if masked else None
+  mask_np = np.ones((23, 4), bool) if mask is None else mask
+  for safe in (True, False):
+    s = Sample(jnp.asarray(x), (0,), mask=None if mask is None else jnp.asarray(mask),
+               overflow_safe=safe)
+    mu = np.asarray(gbn_jax.STATISTICS["mean"](s))
+    sd = np.asarray(gbn_jax.DEVIATIONS["std"](s))
+    for c in range(4):
+      v = x[mask_np[:, c], c].astype(np.float64)
+      np.testing.assert_allclose(mu[c], v.mean(), rtol=2e-6, err_msg=str(safe))
+      np.testing.assert_allclose(sd[c], v.std(), rtol=2e-5, atol=1e-7,
+                                 err_msg=str(safe))
+    assert mu[3] == np.float32(0.1) and sd[3] == 0.0, safe
+  with pytest.raises(ValueError, match="overflow_safe must be True or False"):
+    Sample(jnp.asarray(x), (0,), overflow_safe=1)
+
+
+def test_overflow_safe_averages_only_where_order_statistics_are():
+  # the mean-based measures need Σx² to fit in float32 anyway (Guarantees);
+  # any order-statistic measure keeps averages finite near the limits.
+  for stat in gbn_jax.STATISTICS:
+    for dev in gbn_jax.DEVIATIONS:
+      m = gbn_jax.make_measures(stat, dev, levels=LEVELS)
+      plain = stat == "mean" and dev in {
+          "std", "mean_abs", "lp", "upper_semi", "lower_semi"}
+      assert m.overflow_safe is (not plain), (stat, dev)
+
+
 def test_quantile_rank_rule_matches_numpy_inverted_cdf():
   # The reference's rank rule vs numpy's inverted_cdf, where α n is not
   # within float32 rounding of a whole number (there they must agree).
