@@ -256,9 +256,21 @@ class Sample:
     """
     fn = values if callable(values) else (lambda _: values)
     n = self.safe_count().astype(self.x.dtype)
-    if self.overflow_safe:
-      return self.sum(fn(self.x) * self.expand(1.0 / n))
-    return self.sum(fn(self.x)) / n
+    if not self.overflow_safe:
+      return self.sum(fn(self.x)) / n
+    if self.mask is None:
+      # Every channel has the same n: a scalar 1/n folds into each reduction,
+      # where a per-channel 1/n shared by several reductions was written out
+      # as an x-sized broadcast (seen in the compiled step).
+      return self.sum(fn(self.x) * self._inverse_count())
+    return self.sum(fn(self.x) * self.expand(1.0 / n))
+
+  def _inverse_count(self) -> Array:
+    """1/n as a scalar, without a mask (the same for every channel)."""
+    if self.axis_name is None:
+      return jnp.asarray(1.0 / max(self.local_size, 1), self.x.dtype)
+    n = self.psum(jnp.float32(self.local_size))
+    return (1.0 / jnp.maximum(n, 1.0)).astype(self.x.dtype)
 
   def mean(self) -> Array:
     """μ, the sample mean, (1/n) Σ x_i -- exact for a constant channel.
@@ -275,6 +287,13 @@ class Sample:
     def compute():
       if self.mask is None:
         r = self.pivot()
+        if self.overflow_safe:
+          # Σ (x - r) / (2n), doubled: the average exactly (power-of-two
+          # scaling), but with a constant of its own -- XLA:CPU wrote the 1/n
+          # broadcast that several reductions shared out as an x-sized
+          # buffer (seen in the compiled step; one buffer fewer this way).
+          half = 0.5 * self._inverse_count()
+          return r + 2 * self.sum((self.x - self.expand(r)) * half)
         return r + self.average(lambda x: x - self.expand(r))
       return clip_value(self.average(lambda x: x), self.min(), self.max())
 
