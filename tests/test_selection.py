@@ -122,6 +122,38 @@ def test_exact_with_masks(seed, alpha, p_valid):
   assert float(v[0]) == 0.0
 
 
+def test_exact_beyond_the_packed_counts():
+  # Two counts share one uint32 sum while a channel has < 2**16 slots per
+  # device; more slots take separate float32 counts. Both exact.
+  rng = np.random.default_rng(11)
+  assert O._PACK_BITS == 16
+  for n in (2**16 - 1, 2**16 + 3):
+    x = np.stack([rng.standard_normal(n), np.round(rng.standard_normal(n) * 3),
+                  rng.standard_cauchy(n)], -1).astype(np.float32)
+    k = np.array([1, n // 2 + 1, n - 7])
+    _check(x, None, k)
+
+
+def test_exact_over_several_reduction_axes_with_mask():
+  # NHWC-like input, statistics over (0, 1, 2): the packed counts run on the
+  # flattened (m, C) view; the mask takes the same view.
+  rng = np.random.default_rng(12)
+  x = rng.standard_normal((6, 5, 7, 4)).astype(np.float32)
+  x[..., 2] = np.round(x[..., 2])
+  mask = rng.random(x.shape) < 0.6
+  for alpha in (0.1, 0.5, 0.93):
+    for m in (None, mask):
+      s = Sample(jnp.asarray(x), (0, 1, 2),
+                 mask=None if m is None else jnp.asarray(m))
+      got = jax.jit(lambda s=s: O.quantile(s, alpha))()
+      flat = x.reshape(-1, 4)
+      fm = None if m is None else m.reshape(-1, 4)
+      n = flat.shape[0] if m is None else fm.sum(0)
+      k = np.asarray(O.quantile_rank(alpha, jnp.broadcast_to(
+          jnp.asarray(n, jnp.float32), (4,))))
+      assert _same(got, _np_kth(flat, fm, k))
+
+
 def test_n_equals_one():
   x = np.array([[-2.5, np.inf, 1e-42, 0.0]], np.float32)
   _check(x, None, np.ones(4, np.int64))
