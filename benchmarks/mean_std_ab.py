@@ -1,24 +1,26 @@
-"""A/B of the mean/std step: the library's form against two variants.
+"""A/B of the mean/std step: where its cost over flax's BatchNorm comes from.
 
-Diagnostic, not part of the library: it swaps internals of ``gbn_jax`` in
-this process only. Variants of GeneralizedBatchNorm(deviation="std"):
+Diagnostic, not part of the library. Three steps, each timed against
+``flax.linen.BatchNorm`` (jit, forward + backward, interleaved, median of
+the per-repeat ratio), as ``speed.py`` does:
 
-- ``current``: μ = r + Σ (x_i - r)·(1/n) around a pivot r (a value of the
-  channel: exact for a constant channel), variance around the same pivot;
-  averages as Σ x_i·(1/n) (finite values near the float32 limits do not
-  overflow);
-- ``pivot_div``: the same with Σ (...) / n (no broadcast 1/n buffer);
-- ``plain_div``: BN's formula, μ = Σ x_i / n, σ² = max(0, Σ x_i²/n - μ²).
-
-Each is timed against ``flax.linen.BatchNorm`` (jit, forward + backward,
-interleaved, median of the per-repeat ratio), as ``speed.py`` does.
+- ``library``: ``GeneralizedBatchNorm(deviation="std")`` as shipped -- the
+  mean around a pivot r (a value of the channel, so a constant channel gets
+  its constant exactly), sums divided by n after the reduction
+  (``Sample(overflow_safe=False)``, chosen for the mean-based measures);
+- ``safe_sums``: the same module with the overflow-safe averages
+  Σ (f(x) · 1/n) that the order-statistic measures use (the form every
+  configuration used before): XLA:CPU writes the broadcast 1/n out as an
+  x-sized buffer;
+- ``bn_formula``: BN's own formula, Σx/n and Σx²/n - μ², as a plain function
+  (no pivot: not exact for a constant channel).
 
     PYTHONPATH=$PWD python benchmarks/mean_std_ab.py
 """
 
+import os
 import statistics
 import sys
-import os
 
 import flax.linen as nn
 import jax
@@ -27,38 +29,37 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 
 import gbn_jax  # noqa: E402
-from gbn_jax import catalogue, sample  # noqa: E402
+from gbn_jax import functional  # noqa: E402
 from speed import SHAPES, make_step, run_once  # noqa: E402
 
-ORIGINAL = (sample.Sample.average, sample.Sample.mean,
-            catalogue.SQUARED_DEVIATIONS["std"])
+
+def _bn_formula_step(x):
+  axes = tuple(range(x.ndim - 1))
+  params = {"scale": jnp.ones(x.shape[-1]), "bias": jnp.zeros(x.shape[-1])}
+  w = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
+  n = x.size // x.shape[-1]
+
+  def loss(p, x):
+    mu = jnp.sum(x, axes) / n
+    var = jnp.maximum(jnp.sum(x * x, axes) / n - mu * mu, 0.0)
+    y = (x - mu) * (jax.lax.rsqrt(var + 1e-5) * p["scale"]) + p["bias"]
+    return jnp.sum(jax.nn.relu(y) * w)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
-def _average_divided(self, values):
-  return self.sum(values) / self.safe_count().astype(self.x.dtype)
-
-
-def _plain_mean(self):
-  return self.memo("mean", lambda: self.average(self.x))
-
-
-def _plain_variance(s, *, fast_variance=False):
-  mu = s.mean()
-  return s.memo(("variance", fast_variance), lambda: jnp.maximum(
-      s.average(jnp.square(s.x)) - mu**2, 0.0))
-
-
-VARIANTS = {
-    "current": ORIGINAL,
-    "pivot_div": (_average_divided, ORIGINAL[1], ORIGINAL[2]),
-    "plain_div": (_average_divided, _plain_mean, _plain_variance),
-}
-
-
-def _use(variant):
-  (sample.Sample.average, sample.Sample.mean,
-   catalogue.SQUARED_DEVIATIONS["std"]) = variant
-  jax.clear_caches()
+def _module_step(x, overflow_safe):
+  prop = functional.Measures.overflow_safe
+  if overflow_safe:  # this process only: every configuration's safe form
+    functional.Measures.overflow_safe = property(lambda self: True)
+  try:
+    step, args = make_step(
+        gbn_jax.GeneralizedBatchNorm(use_running_average=False,
+                                     deviation="std"), x)
+    jax.block_until_ready(step(*args))  # compile under the patch
+  finally:
+    functional.Measures.overflow_safe = prop
+  return step, args
 
 
 def main(repeats=21, inner=5):
@@ -68,17 +69,14 @@ def main(repeats=21, inner=5):
     x = jax.random.normal(jax.random.PRNGKey(2), shape, jnp.float32)
     x = x * jnp.linspace(0.5, 2.0, shape[-1]) + jnp.linspace(-1, 1, shape[-1])
     bn_step, bn_args = make_step(nn.BatchNorm(use_running_average=False), x)
-    steps = {}
-    for name, variant in VARIANTS.items():
-      _use(variant)
-      step, args = make_step(
-          gbn_jax.GeneralizedBatchNorm(use_running_average=False,
-                                       deviation="std"), x)
+    steps = {
+        "library": _module_step(x, overflow_safe=False),
+        "safe_sums": _module_step(x, overflow_safe=True),
+        "bn_formula": _bn_formula_step(x),
+    }
+    for step, args in list(steps.values()) + [(bn_step, bn_args)]:
       for _ in range(3):
         run_once(step, args)
-        run_once(bn_step, bn_args)
-      steps[name] = (step, args)
-    _use(ORIGINAL)
     ratios = {name: [] for name in steps}
     for _ in range(repeats):
       for name, (step, args) in steps.items():
