@@ -238,8 +238,8 @@ MEAN_BASED_DEVIATIONS = frozenset(
     {"std", "mean_abs", "lp", "upper_semi", "lower_semi"}
 )
 """Measures built from sums of powers of x - μ: accurate only while those
-sums fit in float32 (README "Guarantees"), so their averages skip the
-overflow-safe form (``Sample(overflow_safe=False)``)."""
+sums fit in float32 (docs/GUARANTEES.md), so a configuration made only of
+them sums then divides (``Sample(overflow_safe=False)``; μ stays safe)."""
 
 STATISTICS = {
     "mean": mean,

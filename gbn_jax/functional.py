@@ -68,10 +68,11 @@ class Measures:
   def overflow_safe(self) -> bool:
     """Whether the sample's averages must stay finite near the float32 limits.
 
-    True when an order-statistic measure is involved (README "Guarantees":
-    finite S and D for any |x| <= FLT_MAX / 2); the mean-based measures need
-    Σx² to fit in float32 anyway, so theirs take the faster form
-    (:meth:`gbn_jax.sample.Sample.average`).
+    True when an order-statistic measure is involved (docs/GUARANTEES.md:
+    finite S and D for any |x| <= FLT_MAX / 2); the mean-based deviations
+    need their sums (Σx² for std) to fit in float32 anyway, so with the mean
+    they take the faster form (:meth:`gbn_jax.sample.Sample.average`; the
+    mean itself is always overflow-safe).
     """
     return not (
         self.statistic in catalogue.MEAN_BASED_STATISTICS

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -129,8 +130,9 @@ class Sample:
       opt-in for speed; see ``order_statistics.approximate_quantile``).
     overflow_safe: averages that stay finite for finite values near the
       float32 limits (a little slower; see :meth:`average`). The functional
-      core turns it off for the mean-based measures, which need Σx² to fit
-      in float32 anyway.
+      core turns it off when the mean is paired with a mean-based deviation,
+      whose sums (of squares, for std) must fit in float32 anyway; the mean
+      itself is always overflow-safe.
   """
 
   def __init__(
@@ -249,26 +251,25 @@ class Sample:
     with per-channel constants) or an array of ``x``'s shape. With
     :attr:`overflow_safe` it is summed as Σ (f(x) / n), so the average of
     finite values never overflows, even near the float32 limits (Σ f(x) / n
-    could). Without it, Σ f(x) / n: XLA:CPU writes the broadcast 1/n of the
-    safe form out as an x-sized buffer (seen in the compiled mean/std step,
-    which measured ~1.2x BN with it and ~1.1x without; BENCHMARKS.md). 1/n is
-    in the reduction dtype, so averages keep that dtype (as Flax).
+    could). Without it, Σ f(x) / n: XLA:CPU writes a 1/n broadcast that
+    several reductions share out as an x-sized buffer (seen in the compiled
+    mean/std step, which measured 1.17-1.25x BN with it and 1.11-1.13x
+    without; BENCHMARKS.md). 1/n is in the reduction dtype, so averages keep
+    that dtype (as Flax). :meth:`mean` is always overflow-safe.
     """
     fn = values if callable(values) else (lambda _: values)
     n = self.safe_count().astype(self.x.dtype)
     if not self.overflow_safe:
       return self.sum(fn(self.x)) / n
     if self.mask is None:
-      # Every channel has the same n: a scalar 1/n folds into each reduction,
-      # where a per-channel 1/n shared by several reductions was written out
-      # as an x-sized broadcast (seen in the compiled step).
       return self.sum(fn(self.x) * self._inverse_count())
     return self.sum(fn(self.x) * self.expand(1.0 / n))
 
   def _inverse_count(self) -> Array:
     """1/n as a scalar, without a mask (the same for every channel)."""
     if self.axis_name is None:
-      return jnp.asarray(1.0 / max(self.local_size, 1), self.x.dtype)
+      inv = np.float32(1) / np.float32(max(self.local_size, 1))
+      return jnp.asarray(inv, jnp.float32).astype(self.x.dtype)
     n = self.psum(jnp.float32(self.local_size))
     return (1.0 / jnp.maximum(n, 1.0)).astype(self.x.dtype)
 
@@ -281,21 +282,22 @@ class Sample:
     channel's values (:meth:`pivot`): a constant channel gives r exactly, at
     no extra pass over the data. With a mask the valid values have no fixed
     position, so μ is kept inside [min, max] instead (:func:`clip_value`).
-    Finite for finite data when :attr:`overflow_safe` (see :meth:`average`).
+    Finite for finite data (summed as Σ (x / n), see :meth:`average`).
     """
 
     def compute():
+      # Always summed as Σ (x / n), whatever :attr:`overflow_safe` says:
+      # μ is finite for finite data in every configuration.
       if self.mask is None:
         r = self.pivot()
-        if self.overflow_safe:
-          # Σ (x - r) / (2n), doubled: the average exactly (power-of-two
-          # scaling), but with a constant of its own -- XLA:CPU wrote the 1/n
-          # broadcast that several reductions shared out as an x-sized
-          # buffer (seen in the compiled step; one buffer fewer this way).
-          half = 0.5 * self._inverse_count()
-          return r + 2 * self.sum((self.x - self.expand(r)) * half)
-        return r + self.average(lambda x: x - self.expand(r))
-      return clip_value(self.average(lambda x: x), self.min(), self.max())
+        # Σ (x - r) / (2n), doubled: the average exactly (power-of-two
+        # scaling), but with a constant of its own -- XLA:CPU writes a 1/n
+        # broadcast that several reductions share out as an x-sized buffer
+        # (seen in the compiled step; one buffer fewer this way).
+        half = 0.5 * self._inverse_count()
+        return r + 2 * self.sum((self.x - self.expand(r)) * half)
+      inv_n = self.expand(1.0 / self.safe_count().astype(self.x.dtype))
+      return clip_value(self.sum(self.x * inv_n), self.min(), self.max())
 
     return self.memo("mean", compute)
 

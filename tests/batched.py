@@ -8,8 +8,9 @@ level serves every measure at that level). The configuration is static, so a
 repeat call with the same shapes and configuration is cached.
 
 Each entry is computed exactly as ``gbn_jax.batch_statistics`` computes it
-(``Measures(Sample(x, axes, mask=...))``); at least one test per file still
-goes through the public ``batch_statistics`` path.
+(``Measures(Sample(x, axes, mask=..., overflow_safe=Measures.overflow_safe))``);
+at least one test per file still goes through the public
+``batch_statistics`` path.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ from gbn_jax.sample import Sample
 
 @functools.partial(jax.jit, static_argnames=("measures", "axes", "sample_kw"))
 def _many(x, mask, *, measures, axes, sample_kw):
-  sample = Sample(x, axes, mask=mask, **dict(sample_kw))
-  return tuple(m(sample) for m in measures)
+  # One sample per averaging form, as sample_statistics builds it
+  # (``Measures.overflow_safe``: mean-based configurations sum, then divide).
+  samples = {}
+
+  def sample_for(m):
+    kw = dict(sample_kw)
+    kw.setdefault("overflow_safe", m.overflow_safe)
+    key = kw["overflow_safe"]
+    if key not in samples:
+      samples[key] = Sample(x, axes, mask=mask, **kw)
+    return samples[key]
+
+  return tuple(m(sample_for(m)) for m in measures)
 
 
 def many_statistics(x, configs, *, axes, mask=None, **sample_kw):

@@ -256,6 +256,25 @@ def test_near_float32_limits_order_statistic_measures(statistic):
       np.testing.assert_allclose(d, rd, rtol=1e-5, atol=1e-37 * (scale < 1))
 
 
+def test_near_float32_limits_mean_based_configurations():
+  # The mean with a mean-based deviation sums, then divides (faster): D may
+  # overflow to +inf there (documented), but μ is summed overflow-safely, so
+  # S stays accurate and the output finite (β where D = inf).
+  rng = np.random.default_rng(7)
+  x = _extreme_batch(rng, F32_MAX / 2)
+  for dev in ("std", "mean_abs", "lp", "upper_semi", "lower_semi"):
+    kw = _params(dev, "mean")
+    assert not gbn_jax.make_measures("mean", dev, **kw).overflow_safe
+    s, d = batch_statistics(jnp.asarray(x), axes=0, statistic="mean",
+                            deviation=dev, **kw)
+    s, d = np.asarray(s), np.asarray(d)
+    np.testing.assert_allclose(s, x.astype(np.float64).mean(0), rtol=1e-6)
+    assert (np.isinf(d) | np.isfinite(d)).all() and (d >= 0).all(), dev
+    assert np.isinf(d[0]), dev  # channel 0 holds ±FLT_MAX/2: its sums overflow
+    y = np.asarray(_normalize(jnp.asarray(x), jnp.asarray(s), jnp.asarray(d)))
+    assert np.isfinite(y).all(), dev
+
+
 def test_order_statistics_exact_over_the_whole_float32_range():
   rng = np.random.default_rng(5)
   x = rng.uniform(-1, 1, size=(16, 2)) * F32_MAX
