@@ -6,8 +6,9 @@ the per-repeat ratio), as ``speed.py`` does:
 
 - ``library``: ``GeneralizedBatchNorm(deviation="std")`` as shipped -- the
   mean around a pivot r (a value of the channel, so a constant channel gets
-  its constant exactly), sums divided by n after the reduction
-  (``Sample(overflow_safe=False)``, chosen for the mean-based measures);
+  its constant exactly), the variance's sum divided by n after the
+  reduction (``Sample(overflow_safe=False)``, chosen for the mean-based
+  measures; μ is always summed overflow-safely);
 - ``safe_sums``: the same module with the overflow-safe averages
   Σ (f(x) · 1/n) that the order-statistic measures use (the form every
   configuration used before): XLA:CPU writes the broadcast 1/n out as an
