@@ -134,20 +134,26 @@ def test_exact_beyond_the_packed_counts():
     _check(x, None, k)
 
 
-def test_exact_over_several_reduction_axes_with_mask():
-  # NHWC-like input, statistics over (0, 1, 2): the packed counts run on the
-  # flattened (m, C) view; the mask takes the same view.
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_exact_over_several_reduction_axes_with_mask(channels_last):
+  # NHWC input, statistics over (0, 1, 2): the packed counts run on the
+  # flattened (m, C) view, the mask too. NCHW, over (0, 2, 3): over the
+  # axes as they are.
   rng = np.random.default_rng(12)
   x = rng.standard_normal((6, 5, 7, 4)).astype(np.float32)
   x[..., 2] = np.round(x[..., 2])
   mask = rng.random(x.shape) < 0.6
-  for alpha in (0.1, 0.5, 0.93):
-    for m in (None, mask):
-      s = Sample(jnp.asarray(x), (0, 1, 2),
+  axes = (0, 1, 2)
+  if not channels_last:
+    x, mask, axes = x.transpose(0, 3, 1, 2), mask.transpose(0, 3, 1, 2), (0, 2, 3)
+  flat_x = np.moveaxis(x, 1, -1) if not channels_last else x
+  flat_m = np.moveaxis(mask, 1, -1) if not channels_last else mask
+  for alpha in (0.1, 0.93):
+    for m, fm in ((None, None), (mask, flat_m.reshape(-1, 4))):
+      s = Sample(jnp.asarray(x), axes,
                  mask=None if m is None else jnp.asarray(m))
       got = jax.jit(lambda s=s: O.quantile(s, alpha))()
-      flat = x.reshape(-1, 4)
-      fm = None if m is None else m.reshape(-1, 4)
+      flat = flat_x.reshape(-1, 4)
       n = flat.shape[0] if m is None else fm.sum(0)
       k = np.asarray(O.quantile_rank(alpha, jnp.broadcast_to(
           jnp.asarray(n, jnp.float32), (4,))))
