@@ -221,9 +221,9 @@ def _device_mean(sample: Sample, v: Array) -> Array:
 # sibling sums fused into one multi-output reduction) ran 10-100x slower per
 # comparison than a single-output reduction. A comparison is not folded into
 # the reduction (XLA:CPU writes the 0/1 values out first), so a pass packs
-# its two comparisons into one uint32 sum over the flattened (m, C) view:
-# about the cost of one float32 count. The bracket's extremes are float32
-# min/max.
+# its two comparisons into one uint32 sum (over the flattened (m, C) view
+# for channels-last layouts): about the cost of one float32 count. The
+# bracket's extremes are float32 min/max.
 
 
 def _keys(sample: Sample) -> Array:
