@@ -105,24 +105,23 @@ def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
 
   def compute():
     mu = sample.mean()
-    average = sample.average
     if sample.mask is None:
       # Around the pivot r (a value of the channel, see Sample.mean): a
       # constant channel gives 0 - 0 = 0 exactly in both forms, and the
       # one-pass form loses less to cancellation than E[x²] - μ².
       r = sample.expand(sample.pivot())
       if fast_variance:
-        raw = (average(lambda x: jnp.square(x - r))
+        raw = (sample.average(lambda x: jnp.square(x - r))
                - jnp.square(mu - sample.pivot()))
       else:
         mu_e = sample.expand(mu)
-        raw = average(lambda x: jnp.square(x - mu_e))
+        raw = sample.average(lambda x: jnp.square(x - mu_e))
       return clip_value(raw, 0.0, jnp.inf)
     mu_e = sample.expand(mu)
     if fast_variance:
-      raw = average(jnp.square) - mu**2
+      raw = sample.average(jnp.square) - mu**2
     else:
-      raw = average(lambda x: jnp.square(x - mu_e))
+      raw = sample.average(lambda x: jnp.square(x - mu_e))
     # 0 <= σ^2 <= (half range)^2 (Popoviciu): exact in real arithmetic, so
     # the clip only removes rounding -- E[x²] - μ² of a constant is 0 exactly.
     return clip_value(raw, 0.0, jnp.square(half_range(sample)))

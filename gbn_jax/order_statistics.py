@@ -176,15 +176,19 @@ def _channels_last(sample: Sample, values: Array) -> Array:
   return values.reshape(sample.channel_shape + (-1,))
 
 
+def _axes_lead(sample: Sample) -> bool:
+  """Whether the reduction axes come first (channels-last layouts, NHWC)."""
+  return list(sample.axes) == list(range(len(sample.axes)))
+
+
 def _reduction_first(sample: Sample, values: Array) -> Array:
   """Move the reduction axes to the front and flatten them: (m, *channels).
 
   Free (a reshape) for channels-last layouts such as NHWC.
   """
-  lead = list(sample.axes)
-  rest = [i for i in range(values.ndim) if i not in sample.axes]
-  if lead + rest != list(range(values.ndim)):
-    values = jnp.transpose(values, lead + rest)
+  if not _axes_lead(sample):
+    rest = [i for i in range(values.ndim) if i not in sample.axes]
+    values = jnp.transpose(values, list(sample.axes) + rest)
   return values.reshape((-1,) + sample.channel_shape)
 
 
@@ -247,22 +251,42 @@ def _in_band(key: Array) -> Array:
   return jnp.any(jnp.abs(key) < _ZERO_BAND)
 
 
+def _reduce_le(sample: Sample, pivots: Array, reduce, view=None) -> Array:
+  """``reduce(le_0, le_1, ...)``, ``le_j = [x <= p_j]`` for pivot keys
+  ``pivots`` (*C, P), each ``le_j`` broadcast to x (or to ``view(x)``).
+
+  Compares floats, or the integer keys where a pivot lies in the zero band.
+  ``view`` reshapes x-shaped arrays (``None``: as they are); the pivots are
+  expanded to match.
+  """
+  if view is None:
+    view = lambda v: v
+    p = jnp.expand_dims(pivots, sample.axes)
+  else:
+    p = pivots[None]
+  ps = [p[..., j] for j in range(pivots.shape[-1])]
+
+  def by_key(_):
+    key = view(_keys(sample))
+    return reduce(*[key <= pj for pj in ps])
+
+  def by_float(_):
+    x = view(_values(sample))
+    return reduce(*[x <= key_to_float(pj) for pj in ps])
+
+  return lax.cond(_in_band(pivots), by_key, by_float, None)
+
+
 def _count_le(sample: Sample, pivot: Array) -> Array:
   """c(p) = #{valid x : key(x) <= p} per channel, float32 (exact < 2**24).
 
   ``pivot`` lies in [-_INF_KEY, _INF_KEY] (NaNs never count).
   """
-  p = jnp.expand_dims(pivot, sample.axes)
 
-  def by_key(_):
-    le = (_keys(sample) <= p).astype(jnp.float32)
-    return jnp.sum(le, sample.axes, where=sample.mask)
+  def count(le):
+    return jnp.sum(le.astype(jnp.float32), sample.axes, where=sample.mask)
 
-  def by_float(_):
-    le = (_values(sample) <= key_to_float(p)).astype(jnp.float32)
-    return jnp.sum(le, sample.axes, where=sample.mask)
-
-  return sample.psum(lax.cond(_in_band(pivot), by_key, by_float, None))
+  return sample.psum(_reduce_le(sample, pivot[..., None], count))
 
 
 _PACK_BITS = 16
@@ -282,28 +306,18 @@ def _count_pair_packed(sample: Sample, pivots: Array) -> Array:
   # an integer sum over several axes took a slow path (measured 2x slower).
   # Otherwise over the axes as they are (a transpose per pass would cost
   # more than it saves).
-  if list(sample.axes) == list(range(len(sample.axes))):
+  view, axes = None, sample.axes
+  if _axes_lead(sample):
     view, axes = functools.partial(_reduction_first, sample), 0
-    p = pivots[None]
-  else:
-    view, axes = (lambda v: v), sample.axes
-    p = jnp.expand_dims(pivots, sample.axes)
-  p0, p1 = p[..., 0], p[..., 1]
-  mask = None if sample.mask is None else view(sample.mask)
+  mask = sample.mask
+  if mask is not None and view is not None:
+    mask = view(mask)
 
   def packed(le0, le1):
     v = le0.astype(jnp.uint32) + (le1.astype(jnp.uint32) << _PACK_BITS)
     return jnp.sum(v, axes, where=mask, dtype=jnp.uint32)
 
-  def by_key(_):
-    key = view(_keys(sample))
-    return packed(key <= p0, key <= p1)
-
-  def by_float(_):
-    x = view(_values(sample))
-    return packed(x <= key_to_float(p0), x <= key_to_float(p1))
-
-  both = lax.cond(_in_band(pivots), by_key, by_float, None)
+  both = _reduce_le(sample, pivots, packed, view)
   low = both & jnp.uint32(2**_PACK_BITS - 1)
   high = both >> _PACK_BITS
   counts = jnp.stack([low, high], -1).astype(jnp.float32)

@@ -258,12 +258,16 @@ class Sample:
     that dtype (as Flax). :meth:`mean` is always overflow-safe.
     """
     fn = values if callable(values) else (lambda _: values)
-    n = self.safe_count().astype(self.x.dtype)
-    if not self.overflow_safe:
-      return self.sum(fn(self.x)) / n
+    if self.overflow_safe:
+      return self._safe_average(fn)
+    return self.sum(fn(self.x)) / self.safe_count().astype(self.x.dtype)
+
+  def _safe_average(self, fn) -> Array:
+    """Σ (f(x) / n): finite for finite values near the float32 limits."""
     if self.mask is None:
       return self.sum(fn(self.x) * self._inverse_count())
-    return self.sum(fn(self.x) * self.expand(1.0 / n))
+    inv_n = 1.0 / self.safe_count().astype(self.x.dtype)
+    return self.sum(fn(self.x) * self.expand(inv_n))
 
   def _inverse_count(self) -> Array:
     """1/n as a scalar, without a mask (the same for every channel)."""
@@ -296,8 +300,8 @@ class Sample:
         # (seen in the compiled step; one buffer fewer this way).
         half = 0.5 * self._inverse_count()
         return r + 2 * self.sum((self.x - self.expand(r)) * half)
-      inv_n = self.expand(1.0 / self.safe_count().astype(self.x.dtype))
-      return clip_value(self.sum(self.x * inv_n), self.min(), self.max())
+      raw = self._safe_average(lambda x: x)
+      return clip_value(raw, self.min(), self.max())
 
     return self.memo("mean", compute)
 
