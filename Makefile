@@ -42,7 +42,7 @@ lint: $(VENV)/.installed-lint
 	$(VENV)/bin/mypy
 
 docs: $(VENV)/.installed-docs
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(VENV)/.installed-examples
 	$(PY) benchmarks/speed.py
