@@ -183,7 +183,7 @@ def summary_table(runs, group, lr, target, per_seed=False) -> str:
     line = (
         f"| {key[3]} | {_ms(errs)} | {_ms(hits, '{:.0f}')} |"
         f" {sum(h is not None for h in hits)}/{len(hits)} | {div} |"
-        f" {_ms(times, '{:.0f}')} | {'—' if t is None else f'{1e3 * t:.1f}'} |"
+        f" {_ms(times, '{:.1f}')} | {'—' if t is None else f'{1e3 * t:.1f}'} |"
         f" {ratio} |"
     )
     if precise:
@@ -195,7 +195,7 @@ def summary_table(runs, group, lr, target, per_seed=False) -> str:
       h, w = steps_to(rs, target), time_to(rs, target)
       seed_lines.append(
           f"| {key[3]} | {s} | {100 * (1 - rs[-1]['test_acc']):.2f} |"
-          f" {'—' if h is None else h} | {'—' if w is None else f'{w:.0f}'} |"
+          f" {'—' if h is None else h} | {'—' if w is None else f'{w:.1f}'} |"
       )
   out = "\n".join(lines)
   return out + ("\n\nPer seed:\n\n" + "\n".join(seed_lines) if per_seed else "")

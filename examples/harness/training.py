@@ -10,6 +10,7 @@ recorded times exclude compilation; they also exclude evaluation.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import sys
 import time
@@ -249,9 +250,12 @@ def precise_stats(programs: Programs, params, stats, data: DeviceData, seed,
   idx = batch_indices(seed, len(data.x_train), cfg.precise_stats,
                       cfg.batch_size, stream=PRECISE_STREAM)
   batches = [data.x_train[jnp.asarray(i)] for i in idx]
+  kwargs = {"train": True}
+  if "progress" in inspect.signature(recompute).parameters:
+    kwargs["progress"] = False  # no bar at every evaluation
   variables = recompute(programs.model,
                         {"params": params, "batch_stats": stats}, batches,
-                        train=True)
+                        **kwargs)
   return variables["batch_stats"]
 
 
