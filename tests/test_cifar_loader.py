@@ -3,6 +3,7 @@ the cache, the errors on malformed data, standardisation and augmentation.
 
 Every dataset here is a few tiny JPEGs written into tmp_path."""
 
+import hashlib
 import io
 import os
 import sys
@@ -131,8 +132,6 @@ def test_cache_key_follows_the_source(tmp_path, monkeypatch):
 
 
 def test_archive_key_is_the_files_sha256(tmp_path):
-  import hashlib
-
   path = make_archive(tmp_path / "a.tar.xz")
   assert image_folder.file_sha256(str(path)) == hashlib.sha256(
       path.read_bytes()).hexdigest()
@@ -169,9 +168,9 @@ def _load(source, tmp_path):
 
 def test_missing_source_names_the_path(tmp_path):
   missing = tmp_path / "nowhere.tar.xz"
-  with pytest.raises(FileNotFoundError, match="nowhere.tar.xz"):
+  with pytest.raises(FileNotFoundError, match=r"nowhere\.tar\.xz"):
     _load(missing, tmp_path)
-  with pytest.raises(FileNotFoundError, match="nowhere.tar.xz"):
+  with pytest.raises(FileNotFoundError, match=r"nowhere\.tar\.xz"):
     data.load_cifar10(str(missing), str(tmp_path / "cache"), False)
 
 

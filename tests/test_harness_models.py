@@ -15,7 +15,7 @@ import gbn_jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-from harness import models, training  # noqa: E402
+from harness import models, training
 
 ALL_NORMS = ("bn", "gbn-superquantile", "gbn-superquantile-approx",
              "gbn-mean_abs", "gbn-median_abs", "gbn-half_range", "l1bn",

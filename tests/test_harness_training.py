@@ -14,9 +14,10 @@ pytest.importorskip("PIL")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-import train  # noqa: E402
-from harness import results, training  # noqa: E402
-from tests.test_cifar_loader import make_folder  # noqa: E402
+import train
+from harness import results, training
+
+from tests.test_cifar_loader import make_folder
 
 
 def _read_csv(path):
