@@ -3,17 +3,22 @@
 y = gamma * (x - S(x)) / sqrt(D(x)^2 + eps) + beta, with S a statistic and D a
 generalized deviation measure (Yuan, Feng, Norton, Li; AAAI 2019).
 
-The math (``catalogue``, ``order_statistics``, ``functional``, ``sample``,
-``online``) imports jax only; ``GeneralizedBatchNorm`` (linen) and
-``gbn_jax.nnx.GeneralizedBatchNorm`` (NNX) wrap it for Flax.
+The math (``catalogue``, ``config``, ``order_statistics``, ``functional``,
+``sample``, ``online``, ``_layer``) imports jax only; ``GeneralizedBatchNorm``
+(linen) and ``gbn_jax.nnx.GeneralizedBatchNorm`` (NNX) wrap it for Flax.
+docs/SPEC.md is the contract.
 """
 
 import importlib
 
 from gbn_jax.catalogue import (
+    DEVIATION_SPECS,
     DEVIATIONS,
     NATURAL_STATISTIC,
+    STATISTIC_SPECS,
     STATISTICS,
+    DeviationSpec,
+    StatisticSpec,
     gaussian_consistency_factor,
 )
 from gbn_jax.functional import (
@@ -29,7 +34,7 @@ from gbn_jax.sample import Sample
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
+def __getattr__(name: str):
   # The Flax wrapper is imported lazily so the functional core needs no flax.
   if name == "GeneralizedBatchNorm":
     from gbn_jax.linen import GeneralizedBatchNorm
@@ -42,6 +47,10 @@ def __getattr__(name):
 
 __all__ = [
     "DEVIATIONS",
+    "DEVIATION_SPECS",
+    "DeviationSpec",
+    "STATISTIC_SPECS",
+    "StatisticSpec",
     "GeneralizedBatchNorm",
     "Measures",
     "NATURAL_STATISTIC",

@@ -1,8 +1,14 @@
-"""The catalogue: statistics S and generalized deviation measures D (SPEC §2).
+"""The catalogue: statistics S and generalized deviation measures D.
 
-Each entry is a small pure function of a :class:`~gbn_jax.sample.Sample`
-returning one value per channel; keyword-only arguments are the measure's
-parameters. Notation: n valid values x_1..x_n of a channel,
+docs/SPEC.md §2 is the contract. Each measure is a small pure function of a
+:class:`~gbn_jax.sample.Sample` returning one value per channel (keyword-only
+arguments are its parameters), and *one record* (:class:`StatisticSpec`,
+:class:`DeviationSpec`) holds everything else the library knows about it:
+its parameters, natural statistic, squared form, Gaussian-consistency
+factor, whether it is mean-based, its online form and whether it is defined
+on complex input. The registries :data:`STATISTICS`, :data:`DEVIATIONS`,
+:data:`NATURAL_STATISTIC`, ... are views of the records; adding a measure is
+one function, one record and its oracle test (CONTRIBUTING.md). Notation: n valid values x_1..x_n of a channel,
 x_(1) <= ... <= x_(n), μ the mean, [t]_+ = max(t, 0), q_α = x_(k) with
 k = ceil(α n) clipped to [1, n].
 
@@ -18,10 +24,12 @@ channel never produces a NaN gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics as _pystats
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +177,7 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
 
   Equal to the L-estimator (1/((1-α) n)) [(k - α n) x_(k) + Σ_{i>k} x_(i)]
   for every α; its gradient is 1/((1-α) n) above q_α and
-  (k - α n)/((1-α) n) at q_α (SPEC §3) -- the gradient of q_α itself flows
+  (k - α n)/((1-α) n) at q_α (docs/SPEC.md §3) -- the gradient of q_α itself flows
   through the first term, so it must not be treated as a constant here.
   """
 
@@ -178,7 +186,7 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
     # [x - q]_+ as a select, not jnp.maximum: its derivative is then a plain
     # compare that XLA recomputes inside the backward fusions, where
     # maximum's (0.5 at x == q) was materialized as an extra x-sized buffer
-    # (measured: compiled memory). Either tie convention gives the SPEC §3
+    # (measured: compiled memory). Either tie convention gives the docs/SPEC.md §3
     # gradient, the q-term cancels the tie share. A NaN x still gives NaN.
     # (A maximum with a select derivative (custom_jvp) measured the same
     # time and more memory for the mixed superquantile: 2.0x vs 1.67x BN.)
@@ -228,55 +236,85 @@ def mixed_superquantile(
   )
 
 
+
+def abs_superquantile(sample: Sample, *, alpha: float) -> Array:
+  """q̄_α(|X - μ|): the mean of the largest (1-α) fraction of |x_i - μ|.
+
+  The superquantile (CVaR) of the absolute deviations from the mean -- the
+  robust "top-k L∞" batch norm of Hoffer et al. ("Norm matters", 2018);
+  α -> 0 gives ``mean_abs``, α -> 1 the largest |x_i - μ|. Natural
+  statistic: the mean (by convention; it is a deviation measure -- D(X + c)
+  = D(X), D(λX) = λ D(X), subadditive, > 0 off constants -- but not one of
+  a risk-quadrangle pair, so no statistic minimises an error it comes from).
+  Exact: q_α of |x - μ| is selected by counting like every order statistic.
+  """
+
+  def compute():
+    mu = sample.expand(sample.mean())
+    # The sample of |x - μ| (same mask, devices and precision); its q̄_α is
+    # differentiated through |x - μ|, μ included.
+    deviations = Sample(
+        jnp.abs(sample.x - mu),
+        sample.axes,
+        mask=sample.mask,
+        axis_name=sample.axis_name,
+        axis_index_groups=sample.axis_index_groups,
+        dtype=sample.x.dtype,
+        force_float32_reductions=False,
+        approximate=sample.approximate,
+        overflow_safe=sample.overflow_safe,
+    )
+    return _nonnegative(superquantile_value(deviations, alpha))
+
+  return sample.memo(("abs_superquantile", float(alpha)), compute)
+
+
 # --------------------------------------------------------------------------
-# Registries.
+# Online forms (used by gbn_jax.online; the update rules are documented there).
 # --------------------------------------------------------------------------
 
-MEAN_BASED_STATISTICS = frozenset({"mean"})
-MEAN_BASED_DEVIATIONS = frozenset(
-    {"std", "mean_abs", "lp", "upper_semi", "lower_semi"}
-)
-"""Measures built from sums of powers of x - μ: accurate only while those
-sums fit in float32 (docs/GUARANTEES.md), so a configuration made only of
-them sums then divides (``Sample(overflow_safe=False)``; μ stays safe)."""
 
-STATISTICS = {
-    "mean": mean,
-    "median": median,
-    "quantile": quantile,
-    "midrange": midrange,
-    "mixed_quantile": mixed_quantile,
-}
-"""Statistic name -> pure function ``f(sample, **params) -> per-channel S``."""
+@dataclasses.dataclass(frozen=True)
+class OnlineStatistic:
+  """Online estimate of a statistic: the trackers it reads and its value."""
 
-DEVIATIONS = {
-    "std": std,
-    "mean_abs": mean_abs,
-    "lp": lp,
-    "upper_semi": upper_semi,
-    "lower_semi": lower_semi,
-    "median_abs": median_abs,
-    "superquantile": superquantile,
-    "half_range": half_range,
-    "mixed_superquantile": mixed_superquantile,
-}
-"""Deviation name -> pure function ``f(sample, **params) -> per-channel D``."""
+  needs: Callable[..., tuple]  # (**params) -> ("mu" | "extremes" | level α, ...)
+  value: Callable[..., Array]  # (trackers, **params) -> S
 
-SQUARED_DEVIATIONS = {"std": variance}
-"""Deviations whose square has a form of its own (used for D^2 directly)."""
 
-NATURAL_STATISTIC = {
-    "std": "mean",
-    "mean_abs": "mean",
-    "lp": "mean",
-    "upper_semi": "mean",
-    "lower_semi": "mean",
-    "median_abs": "median",
-    "superquantile": "quantile",
-    "half_range": "midrange",
-    "mixed_superquantile": "mixed_quantile",
-}
-"""Deviation name -> name of its natural statistic (the argmin of its error)."""
+@dataclasses.dataclass(frozen=True)
+class OnlineDeviation:
+  """Online estimate of a deviation: trackers, per-value moment φ, D^2 from m.
+
+  ``needs`` may name ``("abs", α)``: the level-α quantile of |x - μ|.
+  """
+
+  needs: Callable[..., tuple]
+  moment: Callable[..., Array] | None  # (x, expanded trackers, **params) -> φ
+  dev_sq: Callable[..., Array]  # (running moment m, trackers, **params) -> D^2
+
+
+def superquantile_moment(x: Array, q: Array, alpha: float) -> Array:
+  """α/(1-α) [x - q]_+ + [q - x]_+ = q + [x - q]_+/(1-α) - x.
+
+  The Rockafellar–Uryasev form of q̄_α - x per value: its mean over X is
+  q̄_α - μ at q = q_α and larger at any other q (second-order in q - q_α).
+  """
+  return alpha / (1.0 - alpha) * jnp.maximum(x - q, 0.0) + jnp.maximum(
+      q - x, 0.0
+  )
+
+
+def _square(m, *_, **__):
+  return jnp.square(m)
+
+
+def _identity(m, *_, **__):
+  return m
+
+
+def _mean_needs(**_):
+  return ("mu",)
 
 
 # --------------------------------------------------------------------------
@@ -291,6 +329,317 @@ def _superquantile_factor(alpha: float) -> float:
   return _NORMAL.pdf(_NORMAL.inv_cdf(alpha)) / (1.0 - alpha)
 
 
+def _abs_superquantile_factor(alpha: float) -> float:
+  # |X - μ| is half-normal: q_α = σ z, z = Φ^-1((1 + α)/2), and the mean of
+  # its upper (1 - α) tail is σ 2 φ(z) / (1 - α).
+  z = _NORMAL.inv_cdf((1.0 + alpha) / 2.0)
+  return 2.0 * _NORMAL.pdf(z) / (1.0 - alpha)
+
+
+def _lp_factor(p: float) -> float:
+  # E|Z|^p = 2^(p/2) Γ((p+1)/2) / sqrt(π) for Z ~ N(0, 1).
+  return (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi)) ** (
+      1.0 / p
+  )
+
+
+# --------------------------------------------------------------------------
+# The records.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticSpec:
+  """Everything the library knows about a statistic S.
+
+  Attributes:
+    name: the registry name.
+    fn: ``fn(sample, **params) -> S`` per channel.
+    params: the parameter names ``fn`` takes (of ``alpha``, ``levels``,
+      ``weights``).
+    levels: ``levels(**params)``: the quantile levels S selects (used to
+      start the selection from the running statistics).
+    mean_based: S is the mean (sums only, no order statistics).
+    online: its online estimate (None: online mode is not available).
+    complex_ok: defined on complex input.
+  """
+
+  name: str
+  fn: Callable[..., Array]
+  params: tuple[str, ...] = ()
+  levels: Callable[..., tuple[float, ...]] = lambda **_: ()
+  mean_based: bool = False
+  online: OnlineStatistic | None = None
+  complex_ok: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviationSpec:
+  """Everything the library knows about a deviation measure D.
+
+  Attributes:
+    name: the registry name.
+    fn: ``fn(sample, **params) -> D`` per channel.
+    natural_statistic: the name of S = argmin_c E(X - c) for the error
+      measure E that D comes from (the statistic used when none is given).
+    params: the parameter names ``fn`` takes (of ``alpha``, ``p``,
+      ``levels``, ``weights``, ``fast_variance``).
+    levels: ``levels(**params)``: the quantile levels of x that D selects
+      (used to start the selection from the running statistics).
+    squared: ``squared(sample, **params) -> D^2`` where D^2 has a form of
+      its own (None: D^2 = square(fn)).
+    gaussian_factor: ``gaussian_factor(**params) -> E[D] / σ`` on normal
+      data (its inverse makes D Gaussian-consistent); None where D has no
+      such constant.
+    mean_based: D is built from sums of powers of x - μ (accurate only
+      while those sums fit in float32, docs/GUARANTEES.md).
+    online: its online estimate (None: online mode is not available).
+    complex_ok: defined on complex input (following ``nn.BatchNorm``: |x - μ|).
+  """
+
+  name: str
+  fn: Callable[..., Array]
+  natural_statistic: str
+  params: tuple[str, ...] = ()
+  levels: Callable[..., tuple[float, ...]] = lambda **_: ()
+  squared: Callable[..., Array] | None = None
+  gaussian_factor: Callable[..., float] | None = None
+  mean_based: bool = False
+  online: OnlineDeviation | None = None
+  complex_ok: bool = False
+
+
+_MIXED = ("levels", "weights")
+
+STATISTIC_SPECS: dict[str, StatisticSpec] = {
+    s.name: s
+    for s in (
+        StatisticSpec(
+            "mean",
+            mean,
+            mean_based=True,
+            online=OnlineStatistic(_mean_needs, lambda t, **_: t.mu),
+            complex_ok=True,
+        ),
+        StatisticSpec(
+            "median",
+            median,
+            levels=lambda **_: (0.5,),
+            online=OnlineStatistic(
+                lambda **_: (0.5,), lambda t, **_: t.quantiles[0.5]
+            ),
+        ),
+        StatisticSpec(
+            "quantile",
+            quantile,
+            params=("alpha",),
+            levels=lambda *, alpha, **_: (float(alpha),),
+            online=OnlineStatistic(
+                lambda *, alpha, **_: (float(alpha),),
+                lambda t, *, alpha, **_: t.quantiles[float(alpha)],
+            ),
+        ),
+        StatisticSpec(
+            "midrange",
+            midrange,
+            online=OnlineStatistic(
+                lambda **_: ("extremes",), lambda t, **_: (t.max + t.min) / 2
+            ),
+        ),
+        StatisticSpec(
+            "mixed_quantile",
+            mixed_quantile,
+            params=_MIXED,
+            levels=lambda *, levels, **_: tuple(float(a) for a in levels),
+            online=OnlineStatistic(
+                lambda *, levels, **_: tuple(float(a) for a in levels),
+                lambda t, *, levels, weights, **_: sum(
+                    w * t.quantiles[float(a)] for a, w in zip(levels, weights)
+                ),
+            ),
+        ),
+    )
+}
+"""Statistic name -> its record (the single source of the registries)."""
+
+DEVIATION_SPECS: dict[str, DeviationSpec] = {
+    d.name: d
+    for d in (
+        DeviationSpec(
+            "std",
+            std,
+            "mean",
+            params=("fast_variance",),
+            squared=variance,
+            gaussian_factor=lambda **_: 1.0,
+            mean_based=True,
+            online=OnlineDeviation(
+                _mean_needs, lambda x, t, **_: jnp.square(x - t.mu), _identity
+            ),
+            complex_ok=True,
+        ),
+        DeviationSpec(
+            "mean_abs",
+            mean_abs,
+            "mean",
+            gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
+            mean_based=True,
+            online=OnlineDeviation(
+                _mean_needs, lambda x, t, **_: jnp.abs(x - t.mu), _square
+            ),
+            complex_ok=True,
+        ),
+        DeviationSpec(
+            "lp",
+            lp,
+            "mean",
+            params=("p",),
+            gaussian_factor=lambda *, p, **_: _lp_factor(p),
+            mean_based=True,
+            online=OnlineDeviation(
+                _mean_needs,
+                lambda x, t, *, p, **_: jnp.abs(x - t.mu) ** p,
+                lambda m, t, *, p, **_: _safe_root(m, 2.0 / p),
+            ),
+            complex_ok=True,
+        ),
+        DeviationSpec(
+            "upper_semi",
+            upper_semi,
+            "mean",
+            gaussian_factor=lambda **_: math.sqrt(0.5),
+            mean_based=True,
+            online=OnlineDeviation(
+                _mean_needs,
+                lambda x, t, **_: jnp.square(jnp.maximum(x - t.mu, 0.0)),
+                _identity,
+            ),
+        ),
+        DeviationSpec(
+            "lower_semi",
+            lower_semi,
+            "mean",
+            gaussian_factor=lambda **_: math.sqrt(0.5),
+            mean_based=True,
+            online=OnlineDeviation(
+                _mean_needs,
+                lambda x, t, **_: jnp.square(jnp.maximum(t.mu - x, 0.0)),
+                _identity,
+            ),
+        ),
+        DeviationSpec(
+            "median_abs",
+            median_abs,
+            "median",
+            levels=lambda **_: (0.5,),
+            gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
+            online=OnlineDeviation(
+                lambda **_: (0.5,),
+                lambda x, t, **_: jnp.abs(x - t.quantiles[0.5]),
+                _square,
+            ),
+        ),
+        DeviationSpec(
+            "superquantile",
+            superquantile,
+            "quantile",
+            params=("alpha",),
+            levels=lambda *, alpha, **_: (float(alpha),),
+            gaussian_factor=lambda *, alpha, **_: _superquantile_factor(alpha),
+            online=OnlineDeviation(
+                lambda *, alpha, **_: (float(alpha),),
+                lambda x, t, *, alpha, **_: superquantile_moment(
+                    x, t.quantiles[float(alpha)], float(alpha)
+                ),
+                _square,
+            ),
+        ),
+        DeviationSpec(
+            "half_range",
+            half_range,
+            "midrange",
+            online=OnlineDeviation(
+                lambda **_: ("extremes",),
+                None,
+                lambda m, t, **_: jnp.square((t.max - t.min) / 2),
+            ),
+        ),
+        DeviationSpec(
+            "mixed_superquantile",
+            mixed_superquantile,
+            "mixed_quantile",
+            params=_MIXED,
+            levels=lambda *, levels, **_: tuple(float(a) for a in levels),
+            gaussian_factor=lambda *, levels, weights, **_: sum(
+                w * _superquantile_factor(a) for a, w in zip(levels, weights)
+            ),
+            online=OnlineDeviation(
+                lambda *, levels, **_: tuple(float(a) for a in levels),
+                lambda x, t, *, levels, weights, **_: sum(
+                    w * superquantile_moment(x, t.quantiles[float(a)], float(a))
+                    for a, w in zip(levels, weights)
+                ),
+                _square,
+            ),
+        ),
+        DeviationSpec(
+            "abs_superquantile",
+            abs_superquantile,
+            "mean",
+            params=("alpha",),
+            gaussian_factor=lambda *, alpha, **_: _abs_superquantile_factor(
+                alpha
+            ),
+            # q̄_α(|X - μ|) in the Rockafellar–Uryasev form, around the
+            # tracked quantile c of |x - μ|: m = mean of c + [|x - μ| - c]_+
+            # /(1 - α), = q̄_α(|X - μ|) at c = q_α(|X - μ|).
+            online=OnlineDeviation(
+                lambda *, alpha, **_: ("mu", ("abs", float(alpha))),
+                lambda x, t, *, alpha, **_: t.abs_quantiles[float(alpha)]
+                + jnp.maximum(
+                    jnp.abs(x - t.mu) - t.abs_quantiles[float(alpha)], 0.0
+                )
+                / (1.0 - float(alpha)),
+                _square,
+            ),
+        ),
+    )
+}
+"""Deviation name -> its record (the single source of the registries)."""
+
+# -- Views of the records (the public registries). --------------------------
+
+STATISTICS: dict[str, Callable[..., Array]] = {
+    n: s.fn for n, s in STATISTIC_SPECS.items()
+}
+"""Statistic name -> pure function ``f(sample, **params) -> per-channel S``."""
+
+DEVIATIONS: dict[str, Callable[..., Array]] = {
+    n: d.fn for n, d in DEVIATION_SPECS.items()
+}
+"""Deviation name -> pure function ``f(sample, **params) -> per-channel D``."""
+
+NATURAL_STATISTIC: dict[str, str] = {
+    n: d.natural_statistic for n, d in DEVIATION_SPECS.items()
+}
+"""Deviation name -> name of its natural statistic (the argmin of its error)."""
+
+SQUARED_DEVIATIONS: dict[str, Callable[..., Array]] = {
+    n: d.squared for n, d in DEVIATION_SPECS.items() if d.squared is not None
+}
+"""Deviations whose square has a form of its own (used for D^2 directly)."""
+
+MEAN_BASED_STATISTICS = frozenset(
+    n for n, s in STATISTIC_SPECS.items() if s.mean_based
+)
+MEAN_BASED_DEVIATIONS = frozenset(
+    n for n, d in DEVIATION_SPECS.items() if d.mean_based
+)
+"""Measures built from sums of powers of x - μ: accurate only while those
+sums fit in float32 (docs/GUARANTEES.md), so a configuration made only of
+them sums then divides (``Sample(overflow_safe=False)``; μ stays safe)."""
+
+
 def gaussian_consistency_factor(
     deviation: str,
     *,
@@ -299,29 +648,23 @@ def gaussian_consistency_factor(
     levels: Sequence[float] | None = None,
     weights: Sequence[float] | None = None,
 ) -> float:
-  """The constant c with c * D(X) = σ for X ~ N(μ, σ^2) (SPEC §2).
+  """The constant c with c * D(X) = σ for X ~ N(μ, σ^2) (docs/SPEC.md §2).
 
   ``mean_abs``, ``median_abs``: sqrt(π/2); ``superquantile``:
   (1-α)/φ(Φ^-1(α)); ``mixed_superquantile``: 1 / Σ_j λ_j φ(Φ^-1(α_j))/(1-α_j);
-  ``upper_semi``, ``lower_semi``: sqrt(2); ``lp``: (E|Z|^p)^(-1/p) with
-  E|Z|^p = 2^(p/2) Γ((p+1)/2) / sqrt(π); ``std``: 1. ``half_range`` has no such
-  constant (the range of normal data grows with n): ``ValueError``.
+  ``abs_superquantile``: (1-α)/(2 φ(Φ^-1((1+α)/2))); ``upper_semi``,
+  ``lower_semi``: sqrt(2); ``lp``: (E|Z|^p)^(-1/p) with E|Z|^p = 2^(p/2)
+  Γ((p+1)/2) / sqrt(π); ``std``: 1. ``half_range`` has no such constant (the
+  range of normal data grows with n): ``ValueError``.
   """
-  if deviation in ("mean_abs", "median_abs"):
-    return math.sqrt(math.pi / 2)
-  if deviation in ("upper_semi", "lower_semi"):
-    return math.sqrt(2.0)
-  if deviation == "std":
-    return 1.0
-  if deviation == "lp":
-    moment = 2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi)
-    return moment ** (-1.0 / p)
-  if deviation == "superquantile":
-    return 1.0 / _superquantile_factor(alpha)
-  if deviation == "mixed_superquantile":
-    return 1.0 / sum(w * _superquantile_factor(a) for a, w in zip(levels, weights))
-  valid = sorted(set(DEVIATIONS) - {"half_range"})
-  raise ValueError(
-      f"gaussian_consistent=True has no constant for deviation {deviation!r}"
-      f" (its value on normal data depends on n); it is defined for {valid}"
-  )
+  spec = DEVIATION_SPECS.get(deviation)
+  if spec is None or spec.gaussian_factor is None:
+    valid = sorted(
+        n for n, d in DEVIATION_SPECS.items() if d.gaussian_factor is not None
+    )
+    raise ValueError(
+        f"gaussian_consistent=True has no constant for deviation {deviation!r}"
+        f" (its value on normal data depends on n); it is defined for {valid}"
+    )
+  params = dict(alpha=alpha, p=p, levels=levels, weights=weights)
+  return 1.0 / spec.gaussian_factor(**params)

@@ -1,26 +1,35 @@
-"""The functional core: configuration checks, ``batch_statistics``, ``normalize``.
+"""The functional core: ``batch_statistics``, ``sample_statistics``, ``normalize``.
 
 Pure functions of arrays and static settings; importing jax only, so they can
-be called inside any ``jit``/``vmap``/``pmap``/``shard_map`` code. The Flax
-modules are thin wrappers over these.
+be called inside any ``jit``/``vmap``/``pmap``/``shard_map`` code. The checks
+and the configuration objects live in :mod:`gbn_jax.config` (re-exported
+here); the Flax modules share one layer step (:mod:`gbn_jax._layer`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import math
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from gbn_jax import catalogue
+from gbn_jax.config import (  # noqa: F401  (re-exported: the public checks)
+    MODES,
+    Measures,
+    check_bool,
+    check_dtype,
+    check_epsilon,
+    check_level,
+    check_mixture,
+    check_mode,
+    check_p,
+    hashable,
+    make_measures,
+)
 from gbn_jax.sample import (
     Sample,
     canonicalize_axes,
@@ -28,283 +37,9 @@ from gbn_jax.sample import (
     check_floating_input,
 )
 
+_hashable = hashable  # the tests' historical name
+
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Measures:
-  """A checked choice of statistic and deviation with their parameters.
-
-  Build it with :func:`make_measures`; every setting has been validated, so
-  applying it cannot fail on configuration. Equal configurations compare and
-  hash equal, so a ``Measures`` can be a static argument of ``jax.jit``.
-  """
-
-  statistic: str
-  deviation: str
-  statistic_fn: Callable[..., Array]
-  deviation_fn: Callable[..., Array]
-  statistic_kwargs: dict
-  deviation_kwargs: dict
-  scale: float  # Gaussian-consistency factor (1.0 when off)
-
-  def _key(self):
-    # The functions follow from the names; parameters are numbers or tuples.
-    return (
-        self.statistic,
-        self.deviation,
-        tuple(sorted(self.statistic_kwargs.items())),
-        tuple(sorted(self.deviation_kwargs.items())),
-        self.scale,
-    )
-
-  def __eq__(self, other):
-    return isinstance(other, Measures) and self._key() == other._key()
-
-  def __hash__(self):
-    return hash(self._key())
-
-  @property
-  def overflow_safe(self) -> bool:
-    """Whether the sample's averages must stay finite near the float32 limits.
-
-    True when an order-statistic measure is involved (docs/GUARANTEES.md:
-    finite S and D for any |x| <= FLT_MAX / 2); the mean-based deviations
-    need their sums (Σx² for std) to fit in float32 anyway, so with the mean
-    they take the faster form (:meth:`gbn_jax.sample.Sample.average`; the
-    mean itself is always overflow-safe).
-    """
-    return not (
-        self.statistic in catalogue.MEAN_BASED_STATISTICS
-        and self.deviation in catalogue.MEAN_BASED_DEVIATIONS
-    )
-
-  def __call__(self, sample: Sample) -> tuple[Array, Array]:
-    center = self.statistic_fn(sample, **self.statistic_kwargs)
-    dev = self.deviation_fn(sample, **self.deviation_kwargs)
-    if self.scale != 1.0:
-      dev = dev * self.scale
-    return center, dev
-
-  def center_and_dev_sq(self, sample: Sample) -> tuple[Array, Array]:
-    """(S, D^2): what the transform uses. D^2 is taken directly where the
-    catalogue has it (``std``: the variance, no square root in between)."""
-    squared = catalogue.SQUARED_DEVIATIONS.get(self.deviation)
-    if squared is None:
-      center, dev = self(sample)
-      return center, jnp.square(dev)
-    center = self.statistic_fn(sample, **self.statistic_kwargs)
-    dev_sq = squared(sample, **self.deviation_kwargs)
-    return center, dev_sq * self.scale**2 if self.scale != 1.0 else dev_sq
-
-
-def _names(registry) -> str:
-  return ", ".join(repr(k) for k in sorted(registry))
-
-
-def _is_real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def check_level(value, name: str = "alpha") -> float:
-  """A probability level in the open interval (0, 1), as a Python float."""
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f"{name} must be a concrete number in (0, 1), not a traced value;"
-        " pass it as a static argument"
-    )
-  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
-    value = value.item()  # numpy / jax scalars
-  if not _is_real(value) or not (0.0 < float(value) < 1.0):
-    raise ValueError(
-        f"{name} must be a number in the open interval (0, 1); got {value!r}"
-    )
-  return float(value)
-
-
-def check_epsilon(value) -> float:
-  """epsilon, added to D^2: a finite number > 0 (0 would turn a constant
-  channel into 0 * inf = NaN)."""
-  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
-    value = value.item()
-  if not _is_real(value) or not math.isfinite(value) or value <= 0:
-    raise ValueError(f"epsilon must be a finite number > 0; got {value!r}")
-  return float(value)
-
-
-def check_dtype(value, name: str = "dtype"):
-  """None or a floating-point dtype (the reduction / output precision)."""
-  if value is None:
-    return None
-  try:
-    dt = jnp.dtype(value)
-  except TypeError:
-    dt = None
-  if dt is None or not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(
-        f"{name} must be None or a floating-point dtype (e.g. jnp.float32,"
-        f" jnp.bfloat16, jnp.float16); got {value!r}"
-    )
-  return dt
-
-
-def check_bool(value, name: str) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"{name} must be True or False; got {value!r}")
-  return bool(value)
-
-
-def check_layer_fields(
-    *,
-    epsilon,
-    momentum,
-    dtype,
-    param_dtype,
-    flags: dict,
-    initializers: dict,
-    axis_name,
-    axis_index_groups,
-) -> None:
-  """The checks shared by the linen and NNX modules' constructors.
-
-  ``flags`` maps a field name to a value that must be a bool (None allowed
-  for ``use_running_average``); ``initializers`` maps a name to a callable.
-  """
-  check_epsilon(epsilon)
-  if not _is_real(momentum) or not 0.0 <= float(momentum) <= 1.0:
-    raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
-  check_dtype(dtype, "dtype")
-  if check_dtype(param_dtype, "param_dtype") is None:
-    raise ValueError("param_dtype must be a floating-point dtype; got None")
-  for name, value in flags.items():
-    if not (name == "use_running_average" and value is None):
-      check_bool(value, name)
-  for name, init in initializers.items():
-    if not callable(init):
-      raise ValueError(
-          f"{name} must be an initializer, f(key, shape, dtype); got {init!r}"
-      )
-  check_axis_index_groups(axis_name, axis_index_groups)
-
-
-def check_p(value) -> float:
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError("p must be a concrete number >= 1, not a traced value")
-  if hasattr(value, "shape") and getattr(value, "shape", None) == ():
-    value = value.item()
-  if not _is_real(value) or not math.isfinite(value) or value < 1:
-    raise ValueError(f"p must be a finite number >= 1; got {value!r}")
-  return float(value)
-
-
-def check_mixture(levels, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Levels α_j in (0, 1) and weights λ_j >= 0 summing to 1 (None: equal)."""
-  if levels is None or isinstance(levels, (str, bytes)) or not isinstance(
-      levels, Sequence
-  ) or len(levels) == 0:
-    raise ValueError(
-        "the mixed superquantile needs levels=(α_1, ..., α_m), a non-empty"
-        f" sequence of numbers in (0, 1); got levels={levels!r}"
-    )
-  levels = tuple(check_level(a, f"levels[{i}]") for i, a in enumerate(levels))
-  if weights is None:
-    weights = (1.0 / len(levels),) * len(levels)
-  if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-    raise ValueError(
-        f"weights must be a sequence of {len(levels)} numbers >= 0 summing to"
-        f" 1; got weights={weights!r}"
-    )
-  if len(weights) != len(levels):
-    raise ValueError(
-        f"weights must have one entry per level: {len(levels)} levels"
-        f" {levels} but {len(weights)} weights {tuple(weights)}"
-    )
-  out = []
-  for i, w in enumerate(weights):
-    if hasattr(w, "shape") and getattr(w, "shape", None) == ():
-      w = w.item()
-    if not _is_real(w) or not math.isfinite(w) or w < 0:
-      raise ValueError(f"weights[{i}] must be a finite number >= 0; got {w!r}")
-    out.append(float(w))
-  if abs(sum(out) - 1.0) > 1e-6:
-    raise ValueError(
-        f"weights must sum to 1; got {tuple(out)} (sum {sum(out)!r})"
-    )
-  return levels, tuple(out)
-
-
-def _kwargs_for(fn: Callable, available: dict) -> dict:
-  params = inspect.signature(fn).parameters
-  return {k: v for k, v in available.items() if k in params}
-
-
-def make_measures(
-    statistic: str | None = None,
-    deviation: str = "superquantile",
-    *,
-    alpha: float | None = 0.5,
-    p: float = 2.0,
-    levels: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None,
-    gaussian_consistent: bool = False,
-    use_fast_variance: bool = False,
-) -> Measures:
-  """Validates a configuration and resolves names to catalogue functions.
-
-  Raises ``ValueError`` naming the bad value and the valid choices for an
-  unknown name, α outside (0, 1), p < 1, bad mixture levels or weights, or a
-  statistic/deviation that needs an α when ``alpha`` is None.
-  """
-  if not isinstance(deviation, str) or deviation not in catalogue.DEVIATIONS:
-    raise ValueError(
-        f"unknown deviation {deviation!r}; valid choices:"
-        f" {_names(catalogue.DEVIATIONS)}"
-    )
-  if statistic is None:
-    statistic = catalogue.NATURAL_STATISTIC[deviation]
-  if not isinstance(statistic, str) or statistic not in catalogue.STATISTICS:
-    raise ValueError(
-        f"unknown statistic {statistic!r}; valid choices:"
-        f" {_names(catalogue.STATISTICS)} (or None for the deviation's"
-        " natural statistic)"
-    )
-  if alpha is not None:
-    alpha = check_level(alpha)
-  for name, kind in ((statistic, "statistic"), (deviation, "deviation")):
-    if name in ("quantile", "superquantile") and alpha is None:
-      raise ValueError(
-          f"{kind} {name!r} needs alpha, a number in the open interval"
-          " (0, 1); got alpha=None"
-      )
-  p = check_p(p)
-  mixed = "mixed" in statistic or "mixed" in deviation
-  if mixed or levels is not None or weights is not None:
-    levels, weights = check_mixture(levels, weights)
-  check_bool(gaussian_consistent, "gaussian_consistent")
-  check_bool(use_fast_variance, "use_fast_variance")
-  available = dict(
-      alpha=alpha,
-      p=p,
-      levels=levels,
-      weights=weights,
-      fast_variance=bool(use_fast_variance),
-  )
-  statistic_fn = catalogue.STATISTICS[statistic]
-  deviation_fn = catalogue.DEVIATIONS[deviation]
-  scale = 1.0
-  if gaussian_consistent:
-    scale = catalogue.gaussian_consistency_factor(
-        deviation, alpha=alpha, p=p, levels=levels, weights=weights
-    )
-  return Measures(
-      statistic=statistic,
-      deviation=deviation,
-      statistic_fn=statistic_fn,
-      deviation_fn=deviation_fn,
-      statistic_kwargs=_kwargs_for(statistic_fn, available),
-      deviation_kwargs=_kwargs_for(deviation_fn, available),
-      scale=scale,
-  )
 
 
 def batch_statistics(
@@ -325,6 +60,7 @@ def batch_statistics(
     dtype: Any = None,
     force_float32_reductions: bool = True,
     approximate: bool = False,
+    guess: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
   """Per-channel centering S(x) and deviation D(x) over ``axes``.
 
@@ -353,6 +89,13 @@ def batch_statistics(
     dtype, force_float32_reductions: reduction precision, as in Flax.
     approximate: quantiles from a strided subsample (faster, not exact; the
       superquantile is then evaluated exactly at that point). Off by default.
+    guess: optional ``(center, dev_sq)``, per-channel estimates of S and D²
+      from earlier batches (e.g. a layer's running ``mean`` and ``var``): the
+      selection of the order statistics starts from there and needs fewer
+      passes. The result is exact whatever the guess (NaN, ±inf or far off
+      costs passes, not correctness); a channel whose guess is NaN starts
+      cold. Under ``axis_name`` every device should pass the same guess
+      (running averages are replicated, so they do).
 
   Returns:
     ``(center, dev)``, each of shape ``x.shape`` without ``axes``, in the
@@ -381,14 +124,8 @@ def batch_statistics(
       dtype=dtype,
       force_float32_reductions=force_float32_reductions,
       approximate=approximate,
+      guess=guess,
   )
-
-
-def _hashable(v):
-  """Lists (of lists) as tuples, so they can be static jit arguments."""
-  if isinstance(v, (list, tuple)):
-    return tuple(_hashable(e) for e in v)
-  return v
 
 
 def sample_statistics(
@@ -403,20 +140,31 @@ def sample_statistics(
     force_float32_reductions: bool = True,
     approximate: bool = False,
     squared: bool = False,
+    guess: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
   """``measures`` of the :class:`Sample` of ``x``: (S, D), or (S, D²) if
   ``squared`` (what the normalization uses; see ``Measures.center_and_dev_sq``).
+  ``guess`` as in :func:`batch_statistics`.
 
   The computation is a ``jax.jit`` with the configuration static, so a call
   outside any trace compiles once per shape and configuration (the selection
   engine's loops would otherwise be recompiled on every eager call); inside
   a user's ``jit``/``pmap``/``shard_map`` it is inlined as usual.
   """
-  check_floating_input(x)
   check_axis_index_groups(axis_name, axis_index_groups)
+  if is_complex_input(measures, x):
+    return complex_statistics(
+        measures, jnp.asarray(x), canonicalize_axes(jnp.ndim(x), axes),
+        mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        squared=squared,
+    )
+  check_floating_input(x)
+  if guess is not None:
+    guess = _check_guess(guess, x, axes)
   return _sample_statistics_jit(
       jnp.asarray(x),
       None if mask is None else jnp.asarray(mask),
+      guess,
       measures=measures,
       axes=_hashable(axes),
       axis_name=_hashable(axis_name),
@@ -435,10 +183,11 @@ def sample_statistics(
         "force_float32_reductions", "approximate", "squared",
     ),
 )
-def _sample_statistics_jit(x, mask, *, measures, axes, axis_name,
+def _sample_statistics_jit(x, mask, guess, *, measures, axes, axis_name,
                            axis_index_groups, dtype, force_float32_reductions,
                            approximate, squared):
-  sample = Sample(
+  sample = make_sample(
+      measures,
       x,
       axes,
       mask=mask,
@@ -447,9 +196,127 @@ def _sample_statistics_jit(x, mask, *, measures, axes, axis_name,
       dtype=dtype,
       force_float32_reductions=force_float32_reductions,
       approximate=approximate,
-      overflow_safe=measures.overflow_safe,
+      guess=guess,
   )
   return measures.center_and_dev_sq(sample) if squared else measures(sample)
+
+
+def is_complex_input(measures: Measures, x) -> bool:
+  """True for complex ``x`` under a configuration defined on it; a
+  ``TypeError`` naming the reason for complex ``x`` under any other."""
+  if not jnp.iscomplexobj(x):
+    return False
+  if not measures.complex_ok:
+    raise TypeError(
+        f"complex input needs a configuration defined on complex numbers:"
+        " statistic 'mean' with deviation 'std', 'mean_abs' or 'lp' (the"
+        " deviations of |x - μ|, as nn.BatchNorm); statistic"
+        f" {measures.statistic!r} with deviation {measures.deviation!r} needs"
+        " an ordering of the values, and complex numbers have none"
+    )
+  return True
+
+
+def complex_statistics(
+    measures: Measures,
+    x: Array,
+    axes: tuple[int, ...],
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    squared: bool = False,
+) -> tuple[Array, Array]:
+  """(S, D) or (S, D²) of complex ``x``: S = μ (complex), D from |x - μ|.
+
+  ``nn.BatchNorm``'s convention for complex activations: the mean, and
+  averages of |x - μ| (``std``: sqrt(mean |x - μ|²), or with
+  ``use_fast_variance`` max(0, mean |x|² - |μ|²); ``mean_abs``: mean |x - μ|;
+  ``lp``: (mean |x - μ|^p)^(1/p)). Reduced in at least complex64.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.complex64))
+  if mask is not None:
+    mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+
+  def average(v):
+    total = jnp.sum(v, axes, where=mask)
+    count = (jnp.sum(mask, axes, dtype=jnp.float32) if mask is not None
+             else jnp.full(total.shape, math.prod(x.shape[a] for a in axes),
+                           jnp.float32))
+    if axis_name is not None:
+      total, count = lax.psum((total, count), axis_name,
+                              axis_index_groups=axis_index_groups)
+    return total / jnp.maximum(count, 1).astype(total.real.dtype)
+
+  mu = average(x)
+  dist = jnp.abs(x - jnp.expand_dims(mu, axes))
+  kwargs = measures.deviation_kwargs
+  if measures.deviation == "std":
+    if kwargs.get("fast_variance"):
+      dev_sq = jnp.maximum(0.0, average(jnp.square(jnp.abs(x)))
+                           - jnp.square(jnp.abs(mu)))
+    else:
+      dev_sq = average(jnp.square(dist))
+    dev = jnp.sqrt(dev_sq)
+  elif measures.deviation == "mean_abs":
+    dev = average(dist)
+    dev_sq = jnp.square(dev)
+  else:  # lp
+    dev = average(dist ** kwargs["p"]) ** (1.0 / kwargs["p"])
+    dev_sq = jnp.square(dev)
+  scale = measures.scale
+  if squared:
+    return mu, dev_sq * scale**2
+  return mu, dev * scale
+
+
+def _check_guess(guess, x, axes) -> tuple[Array, Array]:
+  """(center, dev_sq), each of x's shape without ``axes``."""
+  shape = jnp.shape(x)
+  axes = canonicalize_axes(len(shape), axes)
+  channel_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
+  if not isinstance(guess, (tuple, list)) or len(guess) != 2:
+    raise ValueError(
+        "guess must be a pair (center, dev_sq) of per-channel arrays of shape"
+        f" {channel_shape}; got {guess!r}"
+    )
+  out = []
+  for name, v in zip(("center", "dev_sq"), guess):
+    v = jnp.asarray(v)
+    if v.shape != channel_shape or not jnp.issubdtype(v.dtype, jnp.floating):
+      raise ValueError(
+          f"guess {name} must be a floating-point array of shape"
+          f" {channel_shape} (x's shape without axes {axes}); got"
+          f" {v.dtype}{list(v.shape)}"
+      )
+    out.append(lax.stop_gradient(v.astype(jnp.float32)))
+  return out[0], out[1]
+
+
+def _sample_takes_guess() -> bool:
+  import inspect  # noqa: PLC0415
+
+  return "quantile_guess" in inspect.signature(Sample).parameters
+
+
+def make_sample(
+    measures: Measures,
+    x: Array,
+    axes,
+    *,
+    guess: tuple[Array, Array] | None = None,
+    **sample_kwargs,
+) -> Sample:
+  """The :class:`Sample` the ``measures`` are computed on (its averaging
+  form chosen by the configuration), warm-started from ``guess`` =
+  (center, dev_sq) where the configuration selects quantiles."""
+  levels = measures.selected_levels()
+  if guess is not None and levels and _sample_takes_guess():
+    quantile_guess, spread = measures.quantile_guesses(*guess)
+    sample_kwargs.update(quantile_guess=quantile_guess, spread_guess=spread)
+  return Sample(
+      x, axes, overflow_safe=measures.overflow_safe, **sample_kwargs
+  )
 
 
 def normalize(
@@ -462,14 +329,15 @@ def normalize(
     scale: Array | None = None,
     bias: Array | None = None,
 ) -> Array:
-  """y = scale * (x - center) / sqrt(dev_sq + epsilon) + bias.
+  """y = scale * (x - center) / sqrt(dev_sq + epsilon) + bias (x may be complex).
 
   ``center`` and ``dev_sq`` (= D^2) have ``x.shape`` without ``axes``;
   ``scale`` and ``bias`` broadcast against ``x``. Computed in the promoted
   dtype of the arguments (float32 for half-precision ``x`` and float32
   statistics), like ``flax.linen.BatchNorm``.
   """
-  check_floating_input(x)
+  if not jnp.iscomplexobj(x):
+    check_floating_input(x)
   epsilon = check_epsilon(epsilon)
   axes = canonicalize_axes(jnp.ndim(x), axes)
   channel_shape = tuple(d for i, d in enumerate(jnp.shape(x)) if i not in axes)
@@ -486,18 +354,3 @@ def normalize(
   if bias is not None:
     y = y + bias
   return y
-
-
-MODES = ("batch", "online")
-"""How the training forward pass gets S and D: from the batch alone
-(``"batch"``, the paper's layer) or from running estimates that include the
-batch (``"online"``, :mod:`gbn_jax.online`; meaningful at batch size 1)."""
-
-
-def check_mode(mode) -> str:
-  """``mode`` if it is one of :data:`MODES`, else ``ValueError`` naming them."""
-  if not isinstance(mode, str) or mode not in MODES:
-    raise ValueError(
-        f"unknown mode {mode!r}; valid choices: {', '.join(map(repr, MODES))}"
-    )
-  return mode

@@ -1,7 +1,8 @@
 """``GeneralizedBatchNorm``: a drop-in ``flax.linen.BatchNorm`` with any S and D.
 
-A thin wrapper: the statistics come from :func:`gbn_jax.batch_statistics`
-and the transform from :func:`gbn_jax.normalize`.
+A thin wrapper: the checks are :func:`gbn_jax.config.layer_config`, the step
+is :mod:`gbn_jax._layer` (shared with the NNX module); this file holds only
+what linen needs (fields, variables, ``merge_param``).
 """
 
 from __future__ import annotations
@@ -16,17 +17,8 @@ from flax.linen.module import compact
 from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
-from gbn_jax import online
-from gbn_jax.functional import (
-    check_bool,
-    check_floating_input,
-    check_layer_fields,
-    check_mode,
-    make_measures,
-    normalize,
-    sample_statistics,
-)
-from gbn_jax.sample import Sample, canonicalize_axes
+from gbn_jax import _layer
+from gbn_jax.config import LayerConfig, check_bool, layer_config
 
 
 class GeneralizedBatchNorm(module.Module):
@@ -74,8 +66,14 @@ class GeneralizedBatchNorm(module.Module):
       (meaningful at batch size 1); see :mod:`gbn_jax.online` for the update
       of each measure, its extra ``batch_stats`` and what is differentiated.
       ``mean``/``var`` then hold the online S and D^2 used for eval.
-    approximate: quantiles from a strided subsample, for speed (off by
-      default; the order statistics are then not exact).
+    approximate: quantiles from a subsample, for speed (off by default; the
+      order statistics are then not exact).
+    warm_start: in training, start the selection of the order statistics
+      from the running averages once they hold real values (exact either
+      way; fewer passes). On by default.
+
+  A channel that ``mask`` hides completely in a batch is normalized with its
+  running averages, which that batch leaves unchanged.
   """
 
   use_running_average: bool | None = None
@@ -101,41 +99,13 @@ class GeneralizedBatchNorm(module.Module):
   gaussian_consistent: bool = False
   mode: str = "batch"
   approximate: bool = False
+  warm_start: bool = True
 
   def __post_init__(self):
-    # Fail when the layer is set up, not with a NaN many steps later.
-    check_mode(self.mode)
-    if self.mode == "online":
-      online.init_state(self.measures(), ())  # ValueError if no online form
-    self.measures()
-    check_layer_fields(
-        epsilon=self.epsilon,
-        momentum=self.momentum,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        flags={
-            name: getattr(self, name)
-            for name in ("use_running_average", "use_bias", "use_scale",
-                         "force_float32_reductions", "use_fast_variance",
-                         "approximate")
-        },
-        initializers={"bias_init": self.bias_init, "scale_init": self.scale_init},
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-    )
+    # Fail when the layer is set up, not with a NaN many steps later. A
+    # module-level function, not a method: Flax wraps methods (tabulate).
+    _config(self)
     super().__post_init__()
-
-  def measures(self):
-    return make_measures(
-        self.statistic,
-        self.deviation,
-        alpha=self.alpha,
-        p=self.p,
-        levels=self.levels,
-        weights=self.weights,
-        gaussian_consistent=self.gaussian_consistent,
-        use_fast_variance=self.use_fast_variance,
-    )
 
   @compact
   def __call__(
@@ -156,108 +126,92 @@ class GeneralizedBatchNorm(module.Module):
     Returns:
       The normalized input, of ``x``'s shape.
     """
-    use_running_average = module.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
+    cfg = _config(self)
+    use_running_average = check_bool(
+        module.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        ),
+        "use_running_average",
+        allow_int=True,
     )
-    check_bool(use_running_average, "use_running_average")
-    check_floating_input(x)
-    feature_axes = canonicalize_axes(x.ndim, self.axis)
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    _layer.check_input(cfg, x)
+    feature_axes, reduction_axes = _layer.feature_layout(x.ndim, self.axis)
     feature_shape = tuple(x.shape[ax] for ax in feature_axes)
     stats_dtype = (
         jnp.float32 if self.force_float32_reductions else self.param_dtype
     )
-    ra_center = self.variable(
-        "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-    )
-    ra_dev_sq = self.variable(
-        "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-    )
+    # Created in eval too (online trackers included), so a model initialised
+    # for eval can train.
+    running = {
+        name: self.variable("batch_stats", name, lambda v=v: v)
+        for name, v in _layer.initial_state(
+            cfg, feature_shape, stats_dtype
+        ).items()
+    }
 
-    if self.mode == "online":
-      # Created in eval too, so a model initialised for eval can train.
-      online_vars = self._online_variables(feature_shape, stats_dtype)
     if use_running_average:
-      center, dev_sq = ra_center.value, ra_dev_sq.value
+      center, dev_sq = running["mean"].value, running["var"].value
       if not self.force_float32_reductions:
         center = jnp.asarray(center, self.param_dtype)
         dev_sq = jnp.asarray(dev_sq, self.param_dtype)
     else:
-      sample_kwargs = dict(
+      initializing = self.is_initializing()
+      center, dev_sq, new = _layer.train_statistics(
+          cfg,
+          x,
+          {k: v.value for k, v in running.items()},
           axes=reduction_axes,
           mask=mask,
           # As Flax: during init the named axis need not exist.
-          axis_name=self.axis_name if not self.is_initializing() else None,
-          axis_index_groups=(
-              self.axis_index_groups if not self.is_initializing() else None
-          ),
-          dtype=self.dtype,
-          force_float32_reductions=self.force_float32_reductions,
-          approximate=self.approximate,
+          pooled=not initializing,
+          warm=not initializing,
       )
-      if self.mode == "online":
-        center, dev_sq = self._online_step(Sample(x, **sample_kwargs),
-                                           online_vars)
-      else:
-        center, dev_sq = sample_statistics(
-            self.measures(), x, squared=True, **sample_kwargs
-        )
-      if self.mode == "online" and not self.is_initializing():
-        ra_center.value = jax.lax.stop_gradient(center)
-        ra_dev_sq.value = jax.lax.stop_gradient(dev_sq)
-      elif not self.is_initializing():
-        ra_center.value = (
-            self.momentum * ra_center.value + (1 - self.momentum) * center
-        )
-        ra_dev_sq.value = (
-            self.momentum * ra_dev_sq.value + (1 - self.momentum) * dev_sq
-        )
+      if not initializing:
+        for name, value in new.items():
+          running[name].value = value
 
-    feature_param_shape = [1] * x.ndim
-    for ax in feature_axes:
-      feature_param_shape[ax] = x.shape[ax]
-    args = [x]
     scale = bias = None
     if self.use_scale:
-      scale = self.param(
-          "scale", self.scale_init, feature_shape, self.param_dtype
-      ).reshape(feature_param_shape)
+      scale = self.param("scale", self.scale_init, feature_shape,
+                         self.param_dtype)
       if not self.force_float32_reductions:
         scale = jnp.asarray(scale, self.param_dtype)
-      args.append(scale)
     if self.use_bias:
-      bias = self.param(
-          "bias", self.bias_init, feature_shape, self.param_dtype
-      ).reshape(feature_param_shape)
+      bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
       if not self.force_float32_reductions:
         bias = jnp.asarray(bias, self.param_dtype)
-      args.append(bias)
-    y = normalize(
-        x,
-        center,
-        dev_sq,
-        axes=reduction_axes,
-        epsilon=self.epsilon,
-        scale=scale,
-        bias=bias,
+    y, args = _layer.transform(
+        x, center, dev_sq, cfg=cfg, feature_axes=feature_axes,
+        reduction_axes=reduction_axes, scale=scale, bias=bias,
     )
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
-  def _online_variables(self, feature_shape, stats_dtype):
-    init = online.init_state(self.measures(), feature_shape, stats_dtype)
-    return {
-        k: self.variable("batch_stats", k, lambda v=v: v) for k, v in init.items()
-    }
 
-  def _online_step(self, sample, variables):
-    """mode="online": S and D^2 of the running state updated with ``sample``."""
-    center, dev_sq, new = online.update(
-        self.measures(),
-        {k: v.value for k, v in variables.items()},
-        sample,
-        momentum=self.momentum,
-    )
-    if not self.is_initializing():
-      for k, v in new.items():
-        variables[k].value = v
-    return center, dev_sq
+def _config(layer: GeneralizedBatchNorm) -> LayerConfig:
+  """The layer's checked configuration (cached per distinct field values)."""
+  return layer_config(
+      statistic=layer.statistic,
+      deviation=layer.deviation,
+      alpha=layer.alpha,
+      p=layer.p,
+      levels=layer.levels,
+      weights=layer.weights,
+      gaussian_consistent=layer.gaussian_consistent,
+      use_fast_variance=layer.use_fast_variance,
+      mode=layer.mode,
+      momentum=layer.momentum,
+      epsilon=layer.epsilon,
+      dtype=layer.dtype,
+      param_dtype=layer.param_dtype,
+      force_float32_reductions=layer.force_float32_reductions,
+      approximate=layer.approximate,
+      axis_name=layer.axis_name,
+      axis_index_groups=layer.axis_index_groups,
+      warm_start=layer.warm_start,
+      flags={
+          "use_running_average": layer.use_running_average,
+          "use_bias": layer.use_bias,
+          "use_scale": layer.use_scale,
+      },
+      initializers={"bias_init": layer.bias_init, "scale_init": layer.scale_init},
+  )

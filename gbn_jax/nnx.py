@@ -1,9 +1,9 @@
 """``GeneralizedBatchNorm`` for Flax NNX: a drop-in ``flax.nnx.BatchNorm``.
 
-A thin wrapper over the functional core (:func:`gbn_jax.make_measures`,
-:class:`gbn_jax.Sample`, :func:`gbn_jax.normalize`, and :mod:`gbn_jax.online`
-for ``mode="online"``); the math is the linen module's, so the two give the
-same outputs and running averages for the same inputs.
+A thin wrapper: the checks are :func:`gbn_jax.config.layer_config`, the step
+is :mod:`gbn_jax._layer`, shared with the linen module (so the two give the
+same outputs and running averages for the same inputs); this file holds only
+what NNX needs (attributes, ``nnx.BatchStat`` state, views).
 """
 
 from __future__ import annotations
@@ -19,16 +19,8 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from gbn_jax import online
-from gbn_jax.functional import (
-    check_floating_input,
-    check_layer_fields,
-    check_mode,
-    make_measures,
-    normalize,
-    sample_statistics,
-)
-from gbn_jax.sample import Sample, canonicalize_axes
+from gbn_jax import _layer
+from gbn_jax.config import LayerConfig, _concrete, check_bool, layer_config
 
 
 def _as_tuple(v):
@@ -72,13 +64,19 @@ class GeneralizedBatchNorm(nnx.Module):
     levels, weights: of ``mixed_superquantile`` (weights default to equal).
     gaussian_consistent: scale D to equal σ on normal data.
     mode: ``"batch"`` or ``"online"``.
-    approximate: quantiles from a strided subsample, for speed (off by
-      default; the order statistics are then not exact).
+    approximate: quantiles from a subsample, for speed (off by default; the
+      order statistics are then not exact).
+    warm_start: in training, start the selection of the order statistics
+      from the running averages once they hold real values (exact either
+      way; fewer passes). On by default.
     use_running_average, axis, momentum, epsilon, dtype, param_dtype,
     use_bias, use_scale, bias_init, scale_init, axis_name,
     axis_index_groups, use_fast_variance, promote_dtype, rngs,
     bias_metadata, scale_metadata: as in ``flax.nnx.BatchNorm``
     (``use_fast_variance`` affects ``std`` in batch mode only).
+
+  A channel that ``mask`` hides completely in a batch is normalized with its
+  running averages, which that batch leaves unchanged.
   """
 
   def __init__(
@@ -94,6 +92,7 @@ class GeneralizedBatchNorm(nnx.Module):
       gaussian_consistent: bool = False,
       mode: str = "batch",
       approximate: bool = False,
+      warm_start: bool = True,
       use_running_average: bool | None = False,
       axis: int = -1,
       momentum: float = 0.99,
@@ -112,44 +111,52 @@ class GeneralizedBatchNorm(nnx.Module):
       bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
       scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
-    self.statistic = statistic
-    self.deviation = deviation
-    self.alpha = alpha
-    self.p = p
-    self.levels = _as_tuple(levels)
-    self.weights = _as_tuple(weights)
-    self.gaussian_consistent = gaussian_consistent
-    self.use_fast_variance = use_fast_variance
     # Fail when the layer is set up, not with a NaN many steps later.
-    self.mode = check_mode(mode)
-    measures = self.measures()
-    check_layer_fields(
-        epsilon=epsilon,
+    cfg = layer_config(
+        statistic=statistic,
+        deviation=deviation,
+        alpha=alpha,
+        p=p,
+        levels=_as_tuple(levels),
+        weights=_as_tuple(weights),
+        gaussian_consistent=gaussian_consistent,
+        use_fast_variance=use_fast_variance,
+        mode=mode,
         momentum=momentum,
+        epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
+        approximate=approximate,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        warm_start=warm_start,
         flags={
             "use_running_average": use_running_average,
             "use_bias": use_bias,
             "use_scale": use_scale,
-            "use_fast_variance": use_fast_variance,
-            "approximate": approximate,
         },
         initializers={"bias_init": bias_init, "scale_init": scale_init},
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
     )
-    self.approximate = approximate
+    self.statistic = statistic
+    self.deviation = deviation
+    # Python numbers (a JAX scalar would become state).
+    self.alpha = None if alpha is None else _concrete(alpha, "alpha")
+    self.p = _concrete(p, "p")
+    self.levels = _as_tuple(levels)
+    self.weights = _as_tuple(weights)
+    self.gaussian_consistent = gaussian_consistent
+    self.use_fast_variance = use_fast_variance
+    self.mode = cfg.mode
+    self.approximate = cfg.approximate
+    self.warm_start = cfg.warm_start
 
     feature_shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    self.online_names: tuple[str, ...] = ()
-    if mode == "online":
-      init = online.init_state(measures, feature_shape, jnp.float32)
-      for name, value in init.items():
-        setattr(self, name, nnx.BatchStat(value))
-      self.online_names = tuple(init)
+    state = _layer.initial_state(cfg, feature_shape, jnp.float32)
+    self.mean = nnx.BatchStat(state.pop("mean"))
+    self.var = nnx.BatchStat(state.pop("var"))
+    for name, value in state.items():
+      setattr(self, name, nnx.BatchStat(value))
+    self.online_names: tuple[str, ...] = tuple(state)
 
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -169,10 +176,14 @@ class GeneralizedBatchNorm(nnx.Module):
       self.bias = nnx.data(None)
 
     self.num_features = num_features
-    self.use_running_average = use_running_average
+    self.use_running_average = (
+        use_running_average if use_running_average is None
+        else check_bool(use_running_average, "use_running_average",
+                        allow_int=True)
+    )
     self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
+    self.momentum = cfg.momentum
+    self.epsilon = cfg.epsilon
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.use_bias = use_bias
@@ -180,18 +191,6 @@ class GeneralizedBatchNorm(nnx.Module):
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
     self.promote_dtype = promote_dtype
-
-  def measures(self):
-    return make_measures(
-        self.statistic,
-        self.deviation,
-        alpha=self.alpha,
-        p=self.p,
-        levels=self.levels,
-        weights=self.weights,
-        gaussian_consistent=self.gaussian_consistent,
-        use_fast_variance=self.use_fast_variance,
-    )
 
   def __call__(
       self,
@@ -220,9 +219,9 @@ class GeneralizedBatchNorm(nnx.Module):
             " or use .train() / .eval() / nnx.view."
         ),
     )
-    check_floating_input(x)
-    feature_axes = canonicalize_axes(x.ndim, self.axis)
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    cfg = self._current_config()
+    _layer.check_input(cfg, x)
+    feature_axes, reduction_axes = _layer.feature_layout(x.ndim, self.axis)
 
     # Promote dtypes for the input and all Variables, as nnx.BatchNorm does.
     scale = self.scale[...] if self.scale is not None else None
@@ -231,63 +230,46 @@ class GeneralizedBatchNorm(nnx.Module):
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
     )
     if not use_running_average:
-      sample_kwargs = dict(
+      names = ("mean", "var") + self.online_names
+      center, dev_sq, new = _layer.train_statistics(
+          cfg,
+          x,
+          {k: getattr(self, k)[...] for k in names},
           axes=reduction_axes,
           mask=mask,
-          axis_name=self.axis_name,
-          axis_index_groups=self.axis_index_groups,
-          dtype=self.dtype,
-          approximate=self.approximate,
       )
       # As nnx.BatchNorm: stop_gradient on the stored state only for refs.
       if self.mean._can_update or self.var._can_update:
-        stop_gradient = jax.lax.stop_gradient
-      else:
-        stop_gradient = lambda v: v
-      if self.mode == "online":
-        center, dev_sq, new = online.update(
-            self.measures(),
-            {k: getattr(self, k)[...] for k in self.online_names},
-            Sample(x, **sample_kwargs),
-            momentum=self.momentum,
-        )
-        for k, v in new.items():
-          getattr(self, k)[...] = v
-        self.mean[...] = stop_gradient(center)
-        self.var[...] = stop_gradient(dev_sq)
-      else:
-        center, dev_sq = sample_statistics(
-            self.measures(), x, squared=True, **sample_kwargs
-        )
-        self.mean[...] = stop_gradient(
-            self.momentum * self.mean[...] + (1 - self.momentum) * center
-        )
-        self.var[...] = stop_gradient(
-            self.momentum * self.var[...] + (1 - self.momentum) * dev_sq
-        )
+        new = {k: jax.lax.stop_gradient(v) for k, v in new.items()}
+      for k, v in new.items():
+        getattr(self, k)[...] = v
 
-    feature_param_shape = [1] * x.ndim
-    for ax in feature_axes:
-      feature_param_shape[ax] = x.shape[ax]
-    args = [x]
-    if scale is not None:
-      scale = scale.reshape(feature_param_shape)
-      args.append(scale)
-    if bias is not None:
-      bias = bias.reshape(feature_param_shape)
-      args.append(bias)
-    y = normalize(
-        x,
-        center,
-        dev_sq,
-        axes=reduction_axes,
-        epsilon=self.epsilon,
-        scale=scale,
-        bias=bias,
+    y, args = _layer.transform(
+        x, center, dev_sq, cfg=cfg, feature_axes=feature_axes,
+        reduction_axes=reduction_axes, scale=scale, bias=bias,
     )
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
+  def _current_config(self) -> LayerConfig:
+    """The configuration of the current attributes (cached per value, so
+    changing an attribute, e.g. ``momentum``, takes effect and is checked)."""
+    return layer_config(
+        statistic=self.statistic, deviation=self.deviation, alpha=self.alpha,
+        p=self.p, levels=self.levels, weights=self.weights,
+        gaussian_consistent=self.gaussian_consistent,
+        use_fast_variance=self.use_fast_variance, mode=self.mode,
+        momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+        param_dtype=self.param_dtype, approximate=self.approximate,
+        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        warm_start=self.warm_start,
+    )
+
   def set_view(self, use_running_average: bool | None = None):
-    """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+    """Class method used by ``nnx.view`` (and ``.train()``/``.eval()``).
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be
+        used instead of computing the batch statistics on the input.
+    """
     if use_running_average is not None:
       self.use_running_average = use_running_average

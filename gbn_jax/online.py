@@ -59,6 +59,10 @@ Deviations D (φ whose running mean m is kept, then D from m):
   error in q enters D only to second order.
 * ``mixed_superquantile``: φ = Σ_j λ_j (α_j/(1 - α_j) [x - q_j]_+ + [q_j - x]_+), D = m.
 * ``half_range``: no moment, D = (M - m_min) / 2.
+* ``abs_superquantile``: with c the tracked level-α quantile of |x - μ|
+  (``online_abs_quantiles``, the same Robbins–Monro update applied to
+  |x - μ|), φ = c + [|x - μ| - c]_+ / (1 - α), D = m (the Rockafellar–Uryasev
+  form again: exact at c = q_α(|X - μ|), second-order error elsewhere).
 
 Gradients (what is and is not differentiated). The forward pass uses S and D
 of the updated state; JAX differentiates them through the *current batch's*
@@ -74,17 +78,16 @@ contribution only:
   size η and its scale s. The new state returned for storage carries no
   gradient.
 
-Initial state: μ = 0, q = 0, s = 1, M = 1, m_min = -1, moment 1, i.e. S = 0
-and D = 1 (half_range: 1), like batch norm's running averages; there is no
-bias correction (it would give D = 0 on the first single-example batch).
+Initial state: μ = 0, q = 0 (also of |x - μ|), s = 1, M = 1, m_min = -1,
+moment 1, i.e. S = 0 and D = 1 (half_range: 1), like batch norm's running
+averages; there is no bias correction (it would give D = 0 on the first single-example batch).
 ``use_fast_variance`` has no effect in online mode.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -92,7 +95,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from gbn_jax import catalogue
-from gbn_jax.functional import Measures
+from gbn_jax.catalogue import OnlineDeviation, OnlineStatistic
+from gbn_jax.config import Measures, check_momentum
 from gbn_jax.sample import Sample
 
 Array = jax.Array
@@ -108,120 +112,44 @@ class Trackers(NamedTuple):
   quantiles: dict  # level α -> q_α
   max: Array | None
   min: Array | None
-
-
-@dataclasses.dataclass(frozen=True)
-class OnlineStatistic:
-  """Online estimate of a statistic: the trackers it reads and its value."""
-
-  needs: Callable[..., tuple]  # (**params) -> ("mu" | "extremes" | level α, ...)
-  value: Callable[..., Array]  # (trackers, **params) -> S
-
-
-@dataclasses.dataclass(frozen=True)
-class OnlineDeviation:
-  """Online estimate of a deviation: trackers, per-value moment φ, D^2 from m."""
-
-  needs: Callable[..., tuple]
-  moment: Callable[..., Array] | None  # (x, expanded trackers, **params) -> φ
-  dev_sq: Callable[..., Array]  # (running moment m, trackers, **params) -> D^2
-
-
-def _sq_error(x, q, a):
-  # α/(1-α) [x - q]_+ + [q - x]_+  =  q + [x - q]_+/(1-α) - x  (RU form - x).
-  return a / (1.0 - a) * jnp.maximum(x - q, 0.0) + jnp.maximum(q - x, 0.0)
+  abs_quantiles: dict = {}  # level α -> q_α of |x - μ|
 
 
 ONLINE_STATISTICS = {
-    "mean": OnlineStatistic(lambda **_: ("mu",), lambda t, **_: t.mu),
-    "quantile": OnlineStatistic(
-        lambda *, alpha, **_: (float(alpha),),
-        lambda t, *, alpha, **_: t.quantiles[float(alpha)],
-    ),
-    "median": OnlineStatistic(
-        lambda **_: (0.5,), lambda t, **_: t.quantiles[0.5]
-    ),
-    "midrange": OnlineStatistic(
-        lambda **_: ("extremes",), lambda t, **_: (t.max + t.min) / 2
-    ),
-    "mixed_quantile": OnlineStatistic(
-        lambda *, levels, **_: tuple(float(a) for a in levels),
-        lambda t, *, levels, weights, **_: sum(
-            w * t.quantiles[float(a)] for a, w in zip(levels, weights)
-        ),
-    ),
+    n: s.online
+    for n, s in catalogue.STATISTIC_SPECS.items()
+    if s.online is not None
 }
-"""Statistic name -> its online estimate (see the module docstring)."""
+"""Statistic name -> its online estimate (a view of the catalogue records)."""
 
 ONLINE_DEVIATIONS = {
-    "std": OnlineDeviation(
-        lambda **_: ("mu",),
-        lambda x, t, **_: jnp.square(x - t.mu),
-        lambda m, t, **_: m,
-    ),
-    "mean_abs": OnlineDeviation(
-        lambda **_: ("mu",),
-        lambda x, t, **_: jnp.abs(x - t.mu),
-        lambda m, t, **_: jnp.square(m),
-    ),
-    "lp": OnlineDeviation(
-        lambda **_: ("mu",),
-        lambda x, t, *, p, **_: jnp.abs(x - t.mu) ** p,
-        lambda m, t, *, p, **_: catalogue._safe_root(m, 2.0 / p),
-    ),
-    "upper_semi": OnlineDeviation(
-        lambda **_: ("mu",),
-        lambda x, t, **_: jnp.square(jnp.maximum(x - t.mu, 0.0)),
-        lambda m, t, **_: m,
-    ),
-    "lower_semi": OnlineDeviation(
-        lambda **_: ("mu",),
-        lambda x, t, **_: jnp.square(jnp.maximum(t.mu - x, 0.0)),
-        lambda m, t, **_: m,
-    ),
-    "median_abs": OnlineDeviation(
-        lambda **_: (0.5,),
-        lambda x, t, **_: jnp.abs(x - t.quantiles[0.5]),
-        lambda m, t, **_: jnp.square(m),
-    ),
-    "superquantile": OnlineDeviation(
-        lambda *, alpha, **_: (float(alpha),),
-        lambda x, t, *, alpha, **_: _sq_error(
-            x, t.quantiles[float(alpha)], float(alpha)
-        ),
-        lambda m, t, **_: jnp.square(m),
-    ),
-    "mixed_superquantile": OnlineDeviation(
-        lambda *, levels, **_: tuple(float(a) for a in levels),
-        lambda x, t, *, levels, weights, **_: sum(
-            w * _sq_error(x, t.quantiles[float(a)], float(a))
-            for a, w in zip(levels, weights)
-        ),
-        lambda m, t, **_: jnp.square(m),
-    ),
-    "half_range": OnlineDeviation(
-        lambda **_: ("extremes",),
-        None,
-        lambda m, t, **_: jnp.square((t.max - t.min) / 2),
-    ),
+    n: d.online
+    for n, d in catalogue.DEVIATION_SPECS.items()
+    if d.online is not None
 }
-"""Deviation name -> its online estimate (see the module docstring)."""
+"""Deviation name -> its online estimate (a view of the catalogue records)."""
 
 
 def _entries(measures: Measures) -> tuple[OnlineStatistic, OnlineDeviation]:
-  stat = ONLINE_STATISTICS.get(measures.statistic)
+  stat = measures.statistic_spec.online
   if stat is None:
     raise ValueError(
         f"statistic {measures.statistic!r} has no online estimate; online mode"
         f" supports {sorted(ONLINE_STATISTICS)}"
     )
-  dev = ONLINE_DEVIATIONS.get(measures.deviation)
+  dev = measures.deviation_spec.online
   if dev is None:
     raise ValueError(
         f"deviation {measures.deviation!r} has no online estimate; online mode"
         f" supports {sorted(ONLINE_DEVIATIONS)}"
     )
   return stat, dev
+
+
+def check_online(measures: Measures) -> None:
+  """``ValueError`` naming the measure if the configuration has no online
+  form (what ``mode="online"`` checks when a layer is set up)."""
+  _entries(measures)
 
 
 def _needs(measures: Measures) -> tuple:
@@ -231,11 +159,20 @@ def _needs(measures: Measures) -> tuple:
   )
 
 
+def abs_quantile_levels(measures: Measures) -> tuple[float, ...]:
+  """The levels α whose quantile of |x - μ| is tracked, in stacking order."""
+  out = []
+  for need in _needs(measures):
+    if isinstance(need, tuple) and need[0] == "abs" and need[1] not in out:
+      out.append(need[1])
+  return tuple(out)
+
+
 def quantile_levels(measures: Measures) -> tuple[float, ...]:
   """The levels α whose quantile is tracked, in the order they are stacked."""
   out = []
   for need in _needs(measures):
-    if not isinstance(need, str) and need not in out:
+    if isinstance(need, float) and need not in out:
       out.append(need)
   return tuple(out)
 
@@ -256,23 +193,37 @@ def init_state(
   if levels:
     state["online_quantiles"] = jnp.zeros((len(levels),) + shape, dtype)
     state["online_quantile_scale"] = jnp.ones((len(levels),) + shape, dtype)
+  abs_levels = abs_quantile_levels(measures)
+  if abs_levels:
+    state["online_abs_quantiles"] = jnp.zeros((len(abs_levels),) + shape, dtype)
+    state["online_abs_quantile_scale"] = jnp.ones(
+        (len(abs_levels),) + shape, dtype
+    )
   if "extremes" in needs:
     state["online_max"] = jnp.ones(shape, dtype)
     state["online_min"] = -jnp.ones(shape, dtype)
-  if ONLINE_DEVIATIONS[measures.deviation].moment is not None:
+  if measures.deviation_spec.online.moment is not None:
     state["online_moment"] = jnp.ones(shape, dtype)
   return state
 
 
-def check_momentum(momentum) -> float:
-  if isinstance(momentum, jax.core.Tracer):
-    raise TypeError("momentum must be a concrete number in [0, 1)")
-  if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-    raise ValueError(
-        f"online mode needs momentum in [0, 1) (the weight of the past);"
-        f" got {momentum!r}"
-    )
-  return float(momentum)
+def _track_quantiles(sample, transform, levels, qs_old, scales_old, r, b,
+                     quantile_step):
+  """One Robbins–Monro step per level on the values ``transform(x)``."""
+  if not levels:
+    return {}, {}
+  qs, scales, out = [], [], {}
+  for i, a in enumerate(levels):
+    q, s = qs_old[i], scales_old[i]
+    qe = sample.expand(q)
+    below = sample.average(lambda x: (transform(x) <= qe).astype(x.dtype))
+    q = q + (quantile_step * r * s) * (a - below)
+    qe = sample.expand(q)
+    s = b * s + r * sample.average(lambda x: jnp.abs(transform(x) - qe))
+    out[a] = q
+    qs.append(q)
+    scales.append(s)
+  return out, {"quantiles": jnp.stack(qs), "quantile_scale": jnp.stack(scales)}
 
 
 def update(
@@ -299,7 +250,7 @@ def update(
     A channel with no valid value keeps its state, and S, D^2 are the old
     state's.
   """
-  beta = check_momentum(momentum)
+  beta = check_momentum(momentum, "online")
   if not quantile_step > 0:
     raise ValueError(f"quantile_step must be > 0; got {quantile_step!r}")
   stat, dev = _entries(measures)
@@ -322,22 +273,22 @@ def update(
     mu = b * old["online_mu"] + r * sample.mean()
     new["online_mu"] = mu
 
-  quantiles = {}
-  levels = quantile_levels(measures)
-  if levels:
-    qs, scales = [], []
-    for i, a in enumerate(levels):
-      q, s = old["online_quantiles"][i], old["online_quantile_scale"][i]
-      qe = sample.expand(q)
-      below = sample.average(lambda x: (x <= qe).astype(x.dtype))  # F̂(q)
-      q = q + (quantile_step * r * s) * (a - below)
-      qe = sample.expand(q)
-      s = b * s + r * sample.average(lambda x: jnp.abs(x - qe))
-      quantiles[a] = q
-      qs.append(q)
-      scales.append(s)
-    new["online_quantiles"] = jnp.stack(qs)
-    new["online_quantile_scale"] = jnp.stack(scales)
+  quantiles, new_q = _track_quantiles(
+      sample, lambda x: x, quantile_levels(measures),
+      old.get("online_quantiles"), old.get("online_quantile_scale"), r, b,
+      quantile_step,
+  )
+  new.update({f"online_{k}": v for k, v in new_q.items()})
+  abs_quantiles = {}
+  abs_levels = abs_quantile_levels(measures)
+  if abs_levels:
+    mu_e = sample.expand(mu)
+    abs_quantiles, new_q = _track_quantiles(
+        sample, lambda x: jnp.abs(x - mu_e), abs_levels,
+        old["online_abs_quantiles"], old["online_abs_quantile_scale"], r, b,
+        quantile_step,
+    )
+    new.update({f"online_abs_{k}": v for k, v in new_q.items()})
 
   hi = lo = None
   if "online_max" in old:
@@ -351,7 +302,7 @@ def update(
     )
     new["online_max"], new["online_min"] = hi, lo
 
-  trackers = Trackers(mu, quantiles, hi, lo)
+  trackers = Trackers(mu, quantiles, hi, lo, abs_quantiles)
   center = stat.value(trackers, **measures.statistic_kwargs)
   m = None
   if dev.moment is not None:
@@ -360,6 +311,7 @@ def update(
         {a: sample.expand(q) for a, q in quantiles.items()},
         None,
         None,
+        {a: sample.expand(q) for a, q in abs_quantiles.items()},
     )
     phi = lambda v: dev.moment(v, expanded, **measures.deviation_kwargs)
     m = b * old["online_moment"] + r * sample.average(phi)
@@ -397,7 +349,7 @@ def online_statistics(
   ``state=None`` starts from :func:`init_state`. Arguments as in
   :func:`gbn_jax.batch_statistics`; ``dev`` is D (not D^2).
   """
-  from gbn_jax.functional import make_measures
+  from gbn_jax.config import make_measures  # noqa: PLC0415
 
   measures = make_measures(
       statistic,

@@ -132,6 +132,12 @@ def mixed_superquantile(v, *, levels, weights):
   return sum(w * superquantile(v, alpha=a) for a, w in zip(levels, weights))
 
 
+def abs_superquantile(v, *, alpha):
+  """q̄_α of the absolute deviations |v_i - mean(v)| (L-estimator form)."""
+  v = np.asarray(v, np.float64)
+  return superquantile_value(np.abs(v - v.mean()), alpha)
+
+
 STATISTICS = {
     "mean": mean,
     "median": median,
@@ -150,6 +156,7 @@ DEVIATIONS = {
     "superquantile": superquantile,
     "half_range": half_range,
     "mixed_superquantile": mixed_superquantile,
+    "abs_superquantile": abs_superquantile,
 }
 
 NATURAL_STATISTIC = {
@@ -162,6 +169,7 @@ NATURAL_STATISTIC = {
     "superquantile": "quantile",
     "half_range": "midrange",
     "mixed_superquantile": "mixed_quantile",
+    "abs_superquantile": "mean",
 }
 
 # Which parameters each measure takes (the others are ignored).
@@ -171,6 +179,7 @@ _PARAMS = {
     "lp": ("p",),
     "superquantile": ("alpha",),
     "mixed_superquantile": ("levels", "weights"),
+    "abs_superquantile": ("alpha",),
 }
 
 
@@ -202,6 +211,10 @@ def normal_deviation(deviation: str, *, alpha=None, p=None, levels=None,
   if deviation == "superquantile":
     # CVaR_α(Z) = (1/(1-α)) ∫_α^1 Φ^-1(u) du, and E Z = 0.
     return integrate.quad(stats.norm.ppf, alpha, 1.0)[0] / (1.0 - alpha)
+  if deviation == "abs_superquantile":
+    # CVaR_α(|Z|): |Z| has quantile function Φ^-1((1 + u)/2) on (0, 1).
+    return integrate.quad(lambda u: stats.norm.ppf((1 + u) / 2), alpha,
+                          1.0)[0] / (1.0 - alpha)
   if deviation == "mixed_superquantile":
     return sum(
         w * normal_deviation("superquantile", alpha=a)

@@ -94,6 +94,8 @@ J_DEVIATIONS = {
     "mixed_superquantile": lambda v: sum(
         w * (j_superquantile_value(v, a) - _mean(v))
         for a, w in zip(LEVELS, WEIGHTS)),
+    "abs_superquantile": lambda v: j_superquantile_value(
+        jnp.abs(_dev_mean(v)), PARAMS["alpha"]),
 }
 
 

@@ -54,6 +54,7 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
   q = {a: np.zeros(C) for a in levels}
   s = {a: np.ones(C) for a in levels}
   hi, lo = np.ones(C), -np.ones(C)
+  qa, sa = np.zeros(C), np.ones(C)  # quantile of |x - μ| (abs_superquantile)
   r = 1 - beta
   out = []
   for x in xs:
@@ -63,6 +64,9 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
       below = (x <= q[a]).mean(0)
       q[a] = q[a] + step * r * s[a] * (a - below)
       s[a] = beta * s[a] + r * np.abs(x - q[a]).mean(0)
+    dist = np.abs(x - mu)
+    qa = qa + step * r * sa * (alpha - (dist <= qa).mean(0))
+    sa = beta * sa + r * np.abs(dist - qa).mean(0)
     hi = np.maximum(x.max(0), beta * hi + r * x.max(0))
     lo = np.minimum(x.min(0), beta * lo + r * x.min(0))
 
@@ -79,6 +83,7 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
             sum(w * err(a) for a, w in zip(LEVELS, WEIGHTS))
             if deviation == "mixed_superquantile" else None),
         "half_range": None,
+        "abs_superquantile": qa + np.maximum(dist - qa, 0) / (1 - alpha),
     }[deviation]
     if phi is not None:
       m = beta * m + r * phi.mean(0)
