@@ -186,10 +186,10 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
     # [x - q]_+ as a select, not jnp.maximum: its derivative is then a plain
     # compare that XLA recomputes inside the backward fusions, where
     # maximum's (0.5 at x == q) was materialized as an extra x-sized buffer
-    # (measured: compiled memory). Either tie convention gives the docs/SPEC.md §3
+    # (compiled memory, BENCHMARKS.md). Either tie convention gives the §3
     # gradient, the q-term cancels the tie share. A NaN x still gives NaN.
-    # (A maximum with a select derivative (custom_jvp) measured the same
-    # time and more memory for the mixed superquantile: 2.0x vs 1.67x BN.)
+    # (A maximum with a select derivative measured no faster and used more
+    # memory: BENCHMARKS.md.)
     qe = sample.expand(q)
 
     def excess(x):

@@ -2,7 +2,10 @@
 
 A thin wrapper: the checks are :func:`gbn_jax.config.layer_config`, the step
 is :mod:`gbn_jax._layer` (shared with the NNX module); this file holds only
-what linen needs (fields, variables, ``merge_param``).
+what linen needs (fields, variables, ``merge_param``). Also here, from
+:mod:`gbn_jax.evaluation`: :func:`recompute_batch_stats` (precise statistics
+after training) and :func:`from_batch_norm` (load an ``nn.BatchNorm`` model's
+variables).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from jax.nn import initializers
 
 from gbn_jax import _layer
 from gbn_jax.config import LayerConfig, check_bool, layer_config
+from gbn_jax.evaluation import from_batch_norm
+from gbn_jax.evaluation import recompute_batch_stats_linen as recompute_batch_stats
+
+__all__ = ["GeneralizedBatchNorm", "from_batch_norm", "recompute_batch_stats"]
 
 
 class GeneralizedBatchNorm(module.Module):

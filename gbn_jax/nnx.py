@@ -3,7 +3,9 @@
 A thin wrapper: the checks are :func:`gbn_jax.config.layer_config`, the step
 is :mod:`gbn_jax._layer`, shared with the linen module (so the two give the
 same outputs and running averages for the same inputs); this file holds only
-what NNX needs (attributes, ``nnx.BatchStat`` state, views).
+what NNX needs (attributes, ``nnx.BatchStat`` state, views). Also here:
+:func:`recompute_batch_stats` (precise statistics after training, in place;
+from :mod:`gbn_jax.evaluation`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from gbn_jax import _layer
+from gbn_jax.evaluation import recompute_batch_stats_nnx as recompute_batch_stats
 from gbn_jax.config import LayerConfig, _concrete, check_bool, layer_config
 
 

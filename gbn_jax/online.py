@@ -1,87 +1,14 @@
 """Online mode: running estimates of S and D that include the current batch.
 
-In batch mode the training forward pass normalizes with S and D of the batch
-alone, which are undefined or useless for a batch of one example (a single
-value has D = 0). In online mode it normalizes with *running* estimates that
-have just absorbed the current batch (as in Online Normalization, Chiley et
-al. 2019, and streaming normalization, Liao, Kawaguchi & Poggio 2016):
-
-    state_t = update(state_{t-1}, batch_t)
-    y_t     = scale * (x_t - S(state_t)) / sqrt(D(state_t)^2 + eps) + bias
-
-so every batch size, 1 included, gets a meaningful normalization. Every
-update is a few masked, device-pooled averages of the :class:`Sample`, so
-masks and ``axis_name`` (pmap / shard_map) work as in batch mode: the result
-on N devices equals one device on the concatenated batch.
-
-Notation: β = momentum, r = 1 - β (0 for a channel with no valid value in
-the batch, which leaves its state untouched), avg = average over the batch's
-valid values (all devices), [t]_+ = max(t, 0).
-
-Running quantities ("trackers"; kept only when the configuration needs them):
-
-* ``online_mu``, the mean:  μ ← β μ + r avg(x).
-* ``online_quantiles``, one Robbins–Monro iterate per level α (stacked on a
-  leading axis in the order of :func:`quantile_levels`):
-
-      q ← q + η (α - F̂(q)),   F̂(q) = avg(1[x <= q])  (the batch fraction at
-                                                       or below q, pooled)
-      η = quantile_step · r · s,  s ← β s + r avg|x - q|  (``online_quantile_scale``)
-
-  The step is scaled by a running absolute deviation s around q, so the
-  update is scale-equivariant (it behaves the same on λ x) and large while q
-  is far from the data. With the default ``quantile_step = π`` this is the
-  Newton step at the median of a normal distribution (1/f(q_0.5) = π E|X-q_0.5|),
-  i.e. q then relaxes towards the quantile at about the rate r of the mean's
-  exponential average. The fixed point of the mean update is F(q) = α.
-* ``online_max`` / ``online_min``, decaying extremes:
-  M ← max(max(x), β M + r max(x)) (and the same for the minimum): a new batch
-  extreme beyond M is taken at once, otherwise M relaxes towards the batch's.
-* ``online_moment``, the running mean of the deviation's per-value moment φ
-  (below), taken around the *updated* centers: m ← β m + r avg(φ(x)).
-
-Statistics S (catalogue name: online estimate):
-
-* ``mean``: μ.        ``quantile``: q_α.        ``median``: q_0.5.
-* ``midrange``: (M + m_min) / 2.        ``mixed_quantile``: Σ_j λ_j q_{α_j}.
-
-Deviations D (φ whose running mean m is kept, then D from m):
-
-* ``std``: φ = (x - μ)^2, D = sqrt(m).
-* ``mean_abs``: φ = |x - μ|, D = m.
-* ``lp``: φ = |x - μ|^p, D = m^(1/p).
-* ``upper_semi`` / ``lower_semi``: φ = [x - μ]_+^2 / [μ - x]_+^2, D = sqrt(m).
-* ``median_abs``: φ = |x - q_0.5|, D = m.
-* ``superquantile``: the Rockafellar–Uryasev form q̄_α = q + E[(x - q)_+]/(1 - α)
-  minus μ, per value: φ = q + [x - q]_+/(1 - α) - x
-  = α/(1 - α) [x - q]_+ + [q - x]_+ (written in this second, non-negative
-  form), D = m. At any q this is ≥ q̄_α - μ with equality at q = q_α, so an
-  error in q enters D only to second order.
-* ``mixed_superquantile``: φ = Σ_j λ_j (α_j/(1 - α_j) [x - q_j]_+ + [q_j - x]_+), D = m.
-* ``half_range``: no moment, D = (M - m_min) / 2.
-* ``abs_superquantile``: with c the tracked level-α quantile of |x - μ|
-  (``online_abs_quantiles``, the same Robbins–Monro update applied to
-  |x - μ|), φ = c + [|x - μ| - c]_+ / (1 - α), D = m (the Rockafellar–Uryasev
-  form again: exact at c = q_α(|X - μ|), second-order error elsewhere).
-
-Gradients (what is and is not differentiated). The forward pass uses S and D
-of the updated state; JAX differentiates them through the *current batch's*
-contribution only:
-
-* differentiated: r avg(x) in μ; r avg(φ(x)) in the moment, including through
-  the updated μ inside φ; the batch max/min in the extremes.
-* not differentiated: the previous state (``stop_gradient``: earlier batches
-  are constants); the quantile iterates: F̂ is piecewise constant in x, so the
-  Robbins–Monro step has derivative 0 almost everywhere and q enters as a
-  constant (for the superquantile this is first-order exact at q = q_α,
-  where ∂/∂q [q + E(x - q)_+/(1 - α)] = 1 - P(X > q)/(1 - α) = 0); the step
-  size η and its scale s. The new state returned for storage carries no
-  gradient.
-
-Initial state: μ = 0, q = 0 (also of |x - μ|), s = 1, M = 1, m_min = -1,
-moment 1, i.e. S = 0 and D = 1 (half_range: 1), like batch norm's running
-averages; there is no bias correction (it would give D = 0 on the first single-example batch).
-``use_fast_variance`` has no effect in online mode.
+In training, ``state_t = update(state_{t-1}, batch_t)`` and the batch is
+normalized with S and D of ``state_t``, so every batch size, 1 included,
+gets a meaningful normalization (Chiley et al. 2019; Liao, Kawaguchi &
+Poggio 2016). The running quantities ("trackers": the mean, Robbins–Monro
+quantile iterates of x and of |x - μ|, decaying extremes, the running mean
+of each deviation's per-value moment φ) are masked, device-pooled averages
+of the :class:`Sample`; each measure's online form is a field of its
+catalogue record. docs/ONLINE.md gives every update, the initial state and
+what is differentiated (the current batch's contribution only).
 """
 
 from __future__ import annotations
