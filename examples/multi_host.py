@@ -229,13 +229,21 @@ def save(path: str, state, test_logits) -> None:
   """Every process calls save; each writes the parts it holds."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  path = os.path.abspath(path)
+  path = _dir(path)
   with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(path, "state"), state)
+    ckpt.save(path / "state", state)
     ckpt.wait_until_finished()
   if jax.process_index() == 0:
-    np.save(os.path.join(path, "test_logits.npy"), test_logits)
+    with (path / "test_logits.npy").open("wb") as f:
+      np.save(f, test_logits)
   log(f"train state saved to {path} by all processes")
+
+
+def _dir(path: str):
+  """A local directory (made absolute) or a bucket URL, as an epath."""
+  from etils import epath  # noqa: PLC0415  (an orbax dependency)
+
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 # --------------------------------------------------------------------------
@@ -248,18 +256,19 @@ def evaluate_checkpoint(path: str, approximate: bool = False) -> None:
   those of the multi-process run."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  path = os.path.abspath(path)
+  path = _dir(path)
   model = CNN(approximate=approximate)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=one),
       init_state(model, optax.adam(3e-3)))
   with ocp.StandardCheckpointer() as ckpt:
-    state = ckpt.restore(os.path.join(path, "state"), target)
+    state = ckpt.restore(path / "state", target)
   x_test, y_test = test_set()
   logits = np.asarray(jax.jit(functools.partial(evaluate, model))(state,
                                                                   x_test))
-  want = np.load(os.path.join(path, "test_logits.npy"))
+  with (path / "test_logits.npy").open("rb") as f:
+    want = np.load(f)
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
   acc = np.mean(np.argmax(logits, -1) == y_test)
   print(f"one process, one device: restored step {int(state['step'])},"
@@ -291,7 +300,8 @@ def launch(args) -> None:
   try:
     for i in range(args.processes):
       # Process 0 prints; the others' output is shown if one fails.
-      log_file = None if i == 0 else tempfile.TemporaryFile("w+")  # noqa: SIM115
+      log_file = (None if i == 0
+                  else tempfile.TemporaryFile("w+"))  # noqa: SIM115
       logs.append(log_file)
       cmd = [sys.executable, "-u", os.path.abspath(__file__),
              "--steps", str(args.steps), "--batch", str(args.batch),
