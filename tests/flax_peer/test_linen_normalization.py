@@ -63,10 +63,6 @@ def test_batch_norm(config, test_mask):
   _check_batch_norm(config, None, test_mask)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 item 4: complex input is refused by the mean/std "
-    "configuration")
 @swap.MEAN_STD
 @pytest.mark.parametrize("test_mask", [True, False])
 def test_batch_norm_complex(config, test_mask):

@@ -22,14 +22,7 @@ from jax import random
 
 from tests.flax_peer import swap
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        strict=True,
-        reason="issue 17 item 1: Module.tabulate / nn.tabulate / the module "
-        "table fail on a model with a GBN layer (measures() called in "
-        "__post_init__)"),
-]
+pytestmark = [pytest.mark.slow]
 
 CONSOLE_TEST_KWARGS = dict(force_terminal=False, no_color=True, width=10_000)
 BATCH = 32

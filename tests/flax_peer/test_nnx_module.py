@@ -169,10 +169,6 @@ def test_repr(config):
     assert str(count) in first_line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 item 2: nnx.view_info reads the Args: section of "
-    "set_view's docstring (KeyError: 'use_running_average')")
 @swap.BOTH
 def test_view_info(config):
   _, obj = _foo(swap.nnx_batchnorm(config))

@@ -16,13 +16,7 @@ from flax import nnx
 
 from tests.flax_peer import swap
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        strict=True,
-        reason="issue 17 item 1: nnx.tabulate jits every public method and "
-        "measures() returns a non-JAX value"),
-]
+pytestmark = [pytest.mark.slow]
 
 CONSOLE_TEST_KWARGS = dict(force_terminal=False, no_color=True, width=10_000)
 
