@@ -98,6 +98,7 @@ from harness.training import (  # noqa: E402,F401
   make_optimizer,
   recompute_batch_stats_fn,
   run_experiment,
+  uses_scan,
 )
 
 
@@ -145,7 +146,10 @@ def parse_args(argv=None):
                  help="levels of gbn-superquantile[-approx] (one run each: an α"
                  " sweep)")
   p.add_argument("--seeds", type=int, default=3,
-                 help="number of seeds 0..N-1 (init, data order, augmentation)")
+                 help="number of seeds N (init, data order, augmentation)")
+  p.add_argument("--first-seed", type=int, default=0,
+                 help="seeds are K..K+N-1 (to split seeds over invocations"
+                 " with --append)", metavar="K")
   p.add_argument("--steps", type=int, default=1000, help="training steps")
   p.add_argument("--epochs", type=float, default=None,
                  help="budget in epochs instead of --steps: epochs x"
@@ -215,7 +219,7 @@ def run_config(args, n_train: int) -> RunConfig:
       lr_schedule=args.lr_schedule, steps=steps, batch_size=args.batch_size,
       eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
       augment=args.augment, precise_stats=args.precise_stats,
-      progress=not args.no_progress,
+      progress=not args.no_progress, scan=uses_scan(args.model),
   )
 
 
@@ -235,7 +239,8 @@ def main(argv=None) -> str:
                         not args.no_progress)
     if os.path.exists(csv_path) and not args.append:
       os.remove(csv_path)  # a fresh experiment; rows are appended per norm
-    phases = experiment_phases(args.lr, lrs, args.seeds, args.sweep_seeds)
+    phases = experiment_phases(args.lr, lrs, args.seeds, args.sweep_seeds,
+                               args.first_seed)
     run_experiment(run_config(args, len(data[0])), specs, phases, data,
                    csv_path)
   rows = read_rows(csv_path)

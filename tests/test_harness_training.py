@@ -101,6 +101,11 @@ def test_cli_resolves_epochs_and_augmentation():
   assert not train.parse_args(["--dataset", "cifar10", "--no-augment"]).augment
   assert not train.parse_args(["--dataset", "digits"]).augment
   assert train.run_config(train.parse_args([]), 4000).steps == 1000
+  conv = train.parse_args(["--dataset", "cifar10", "--model", "resnet20"])
+  assert not train.run_config(conv, 50_000).scan  # convolutions: stepped
+  assert train.run_config(train.parse_args(["--model", "mlp"]), 10).scan
+  phases = train.experiment_phases(0.1, [0.1, 1.0], 2, 1, first_seed=3)
+  assert phases == [([0.1], [3, 4]), ([1.0], [3])]
 
 
 def test_data_order_and_augmentation_keys_are_per_seed():

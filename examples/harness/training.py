@@ -1,10 +1,15 @@
 """Training: every (seed, lr) run of one normalization on one compiled program.
 
-A run trains for ``steps`` steps, ``lax.scan`` over the steps between two
-evaluations, and evaluates the test set at step 0 and every ``eval_every``
-steps. Seeds fix the initialisation, the data order and the augmentation, the
-same for every normalization. Programs are compiled ahead of time, so the
-recorded times exclude compilation; they also exclude evaluation.
+A run trains for ``steps`` steps and evaluates the test set at step 0 and
+every ``eval_every`` steps. Between two evaluations the steps run either as
+one ``lax.scan`` (one dispatch: best for small dense models) or as one compiled
+step called from Python per step (convolutional models: XLA:CPU runs a
+convolution inside a scan's while loop about 20x slower than the same
+convolution at top level, measured with ResNet-20 on jax 0.10.2).
+
+Seeds fix the initialisation, the data order and the augmentation, the same
+for every normalization. Programs are compiled ahead of time, so the recorded
+times exclude compilation; they also exclude evaluation.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class RunConfig:
     precise_stats: N > 0: also evaluate with batch statistics recomputed over
       N training batches (``gbn_jax.linen.recompute_batch_stats``).
     progress: show progress bars.
+    scan: run the steps between evaluations as one ``lax.scan`` (else one
+      compiled step per Python call; see the module docstring).
   """
 
   dataset: str
@@ -68,6 +75,7 @@ class RunConfig:
   augment: bool = False
   precise_stats: int = 0
   progress: bool = True
+  scan: bool = True
 
 
 class DeviceData(NamedTuple):
@@ -83,7 +91,7 @@ class DeviceData(NamedTuple):
 class Programs(NamedTuple):
   model: Any
   init: Any
-  chunks: dict  # chunk length -> compiled train_chunk
+  run_steps: Any  # (state, x, y, idx rows, step numbers) -> (state, losses)
   evaluate: Any
 
 
@@ -145,8 +153,14 @@ def eval_bounds(steps: int, every: int) -> list[int]:
   return [*range(0, steps, every), steps]
 
 
+def uses_scan(model: str) -> bool:
+  """Whether the steps of ``model`` run in a ``lax.scan`` (no convolutions)."""
+  return model == "mlp"
+
+
 def make_programs(model, optimizer, cfg: RunConfig):
-  """(init, train_chunk, evaluate), jitted; the data are arguments.
+  """(init, train_step, train_chunk, evaluate), jitted; the data are
+  arguments. ``train_chunk`` is ``train_step`` in a ``lax.scan``.
 
   Every (seed, lr) member reuses the same compiled programs: the seed enters
   through the keys and the batch indices, the lr as an array argument.
@@ -168,22 +182,25 @@ def make_programs(model, optimizer, cfg: RunConfig):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     return loss, new.get("batch_stats", {})
 
+  def train_step(state, x_train, y_train, idx, t):
+    """Step number ``t`` (0-based) on the examples ``idx``; (state, loss)."""
+    params, stats, opt_state, lr, aug_key = state
+    xb, yb = x_train[idx], y_train[idx]
+    if cfg.augment:
+      xb = augment_lib.random_crop_flip(jax.random.fold_in(aug_key, t), xb)
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, stats, xb, yb
+    )
+    direction, opt_state = optimizer.update(grads, opt_state, params)
+    rate = lr * lr_factor(t, cfg.steps, cfg.lr_schedule)
+    params = jax.tree.map(lambda p, d: p - rate * d, params, direction)
+    return (params, stats, opt_state, lr, aug_key), loss
+
   def train_chunk(state, x_train, y_train, idx_chunk, step_chunk):
     """``len(idx_chunk)`` steps in one call (lax.scan); per-step losses."""
 
     def step(state, xs):
-      params, stats, opt_state, lr, aug_key = state
-      idx, t = xs
-      xb, yb = x_train[idx], y_train[idx]
-      if cfg.augment:
-        xb = augment_lib.random_crop_flip(jax.random.fold_in(aug_key, t), xb)
-      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, stats, xb, yb
-      )
-      direction, opt_state = optimizer.update(grads, opt_state, params)
-      rate = lr * lr_factor(t, cfg.steps, cfg.lr_schedule)
-      params = jax.tree.map(lambda p, d: p - rate * d, params, direction)
-      return (params, stats, opt_state, lr, aug_key), loss
+      return train_step(state, x_train, y_train, *xs)
 
     return jax.lax.scan(step, state, (idx_chunk, step_chunk))
 
@@ -200,27 +217,58 @@ def make_programs(model, optimizer, cfg: RunConfig):
     hits = jax.lax.map(correct, (x_test, y_test, valid))
     return jnp.sum(hits) / jnp.sum(valid)
 
-  return jax.jit(init), jax.jit(train_chunk), jax.jit(evaluate)
+  return (jax.jit(init), jax.jit(train_step), jax.jit(train_chunk),
+          jax.jit(evaluate))
+
+
+def _stepped(step_c):
+  """Runs the steps of a chunk one compiled call each, from Python."""
+
+  def run_steps(state, x_train, y_train, idx_rows, step_numbers):
+    losses = []
+    for idx, t in zip(idx_rows, step_numbers, strict=True):
+      state, loss = step_c(state, x_train, y_train, idx, t)
+      losses.append(loss)
+    return state, jnp.stack(losses)
+
+  return run_steps
+
+
+def _scanned(chunks_c):
+  """Runs the steps of a chunk as one compiled ``lax.scan``."""
+
+  def run_steps(state, x_train, y_train, idx_rows, step_numbers):
+    return chunks_c[len(idx_rows)](state, x_train, y_train, idx_rows,
+                                   step_numbers)
+
+  return run_steps
 
 
 def compile_programs(model, programs, cfg: RunConfig, data: DeviceData):
-  """Compile init, evaluate and one train_chunk per chunk length, ahead of
-  time, so no run's wall clock includes compilation."""
-  init, train_chunk, evaluate = programs
+  """Compile init, evaluate and the steps (one step, or one scan per chunk
+  length) ahead of time, so no run's wall clock includes compilation."""
+  init, train_step, train_chunk, evaluate = programs
   key = jax.random.PRNGKey(0)
   init_c = init.lower(key, data.x_train[:2]).compile()
   params, stats, opt_state = init_c(key, data.x_train[:2])
   state = (params, stats, opt_state, jnp.float32(1.0), key)
-  bounds = eval_bounds(cfg.steps, cfg.eval_every)
-  chunks = {}
-  for n in sorted({b - a for a, b in itertools.pairwise(bounds)}):
-    idx = jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32)
-    steps = jax.ShapeDtypeStruct((n,), jnp.int32)
-    chunks[n] = train_chunk.lower(state, data.x_train, data.y_train, idx,
-                                  steps).compile()
+  if cfg.scan:
+    bounds = eval_bounds(cfg.steps, cfg.eval_every)
+    chunks = {}
+    for n in sorted({b - a for a, b in itertools.pairwise(bounds)}):
+      idx = jax.ShapeDtypeStruct((n, cfg.batch_size), jnp.int32)
+      steps = jax.ShapeDtypeStruct((n,), jnp.int32)
+      chunks[n] = train_chunk.lower(state, data.x_train, data.y_train, idx,
+                                    steps).compile()
+    run_steps = _scanned(chunks)
+  else:
+    idx = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    run_steps = _stepped(train_step.lower(state, data.x_train, data.y_train,
+                                          idx, step).compile())
   evaluate_c = evaluate.lower(params, stats, data.x_test, data.y_test,
                               data.test_valid).compile()
-  return Programs(model, init_c, chunks, evaluate_c)
+  return Programs(model, init_c, run_steps, evaluate_c)
 
 
 def norm_programs(spec: models.NormSpec, cfg: RunConfig, data: DeviceData):
@@ -305,9 +353,9 @@ def train_run(spec, cfg: RunConfig, programs: Programs, data: DeviceData,
   train_seconds = 0.0
   for a, b in itertools.pairwise(bounds):
     start = time.perf_counter()
-    state, losses = programs.chunks[b - a](
-        state, data.x_train, data.y_train, jnp.asarray(idx[a:b]),
-        jnp.arange(a, b, dtype=jnp.int32))
+    state, losses = programs.run_steps(
+        state, data.x_train, data.y_train, idx[a:b],
+        np.arange(a, b, dtype=np.int32))
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - start
     train_seconds += elapsed
@@ -327,12 +375,13 @@ def _progress(cfg: RunConfig, spec, seed, lr):
 
 
 def experiment_phases(main_lr: float, lrs, n_seeds: int,
-                      sweep_seeds: int | None):
-  """[(lrs, seeds), ...]: first every seed at the main lr, then the other
-  lrs of the sweep with the first ``sweep_seeds`` seeds. Every norm runs a
-  phase before the next phase starts, so a cut-short experiment still has
-  the main comparison for every norm."""
-  seeds = list(range(n_seeds))
+                      sweep_seeds: int | None, first_seed: int = 0):
+  """[(lrs, seeds), ...]: first every seed (``first_seed`` ... ``first_seed +
+  n_seeds - 1``) at the main lr, then the other lrs of the sweep with the
+  first ``sweep_seeds`` of those seeds. Every norm runs a phase before the
+  next phase starts, so a cut-short experiment still has the main comparison
+  for every norm."""
+  seeds = list(range(first_seed, first_seed + n_seeds))
   phases = [([main_lr], seeds)]
   rest = [lr for lr in lrs if lr != main_lr]
   if rest:
