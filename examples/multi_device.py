@@ -4,7 +4,8 @@ Every local device gets a slice of the batch (``jax.shard_map`` over a 1-D
 mesh); the GBN layers pool their statistics with ``axis_name="batch"``, so
 the superquantile/quantile normalization sees the whole global batch exactly
 (counts are all-reduced per channel; activations never leave their device),
-and the gradients are averaged with ``lax.pmean``.
+and the loss is the devices' mean (``lax.pmean``), whose gradient is the
+global one.
 
 On a CPU-only machine, simulate 8 devices (the flag must be set before jax is
 imported):
@@ -99,12 +100,12 @@ def main():
           mutable=["batch_stats"],
       )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, updates["batch_stats"]
+      # The global mean loss: its gradient w.r.t. the replicated params is
+      # already summed over devices by shard_map's transpose (averaging the
+      # local gradients again would scale them by the device count).
+      return lax.pmean(loss, AXIS), updates["batch_stats"]
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    # Gradient of the global mean loss: average the devices' gradients.
-    grads = lax.pmean(grads, AXIS)
-    loss = lax.pmean(loss, AXIS)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, new_stats, opt_state, loss
