@@ -1,6 +1,6 @@
-"""A small float64 NumPy reference for the reliability tests (SPEC §2).
+"""A small float64 NumPy reference for the reliability tests (docs/SPEC.md §2).
 
-Written from the SPEC formulas, independently of gbn_jax: one channel at a
+Written from the formulas of docs/SPEC.md, independently of gbn_jax: one channel at a
 time, sorted values, explicit sums. Only the rank rule copies the library's
 documented float32 product k = ceil(float32(α) · n), so that ranks agree where
 float64 would round α n differently.
@@ -26,7 +26,7 @@ def quantile(v: np.ndarray, alpha: float) -> float:
 
 
 def superquantile_value(v: np.ndarray, alpha: float) -> float:
-  """L-estimator form (SPEC §2): ((k - α n) x_(k) + Σ_{i>k} x_(i)) / ((1-α) n)."""
+  """L-estimator form (docs/SPEC.md §2): ((k - α n) x_(k) + Σ_{i>k} x_(i)) / ((1-α) n)."""
   n = v.size
   if n == 0:
     return 0.0

@@ -1,6 +1,6 @@
-"""NumPy reference implementations of the catalogue (SPEC §2), for the tests.
+"""NumPy reference implementations of the catalogue (docs/SPEC.md §2), for the tests.
 
-Written from the SPEC, independently of ``gbn_jax``: every measure is a
+Written from docs/SPEC.md, independently of ``gbn_jax``: every measure is a
 function of a 1-D float64 sample ``v`` (the valid values of one channel), and
 :func:`batch_statistics` / :func:`normalize` apply them per channel the way
 the library's public functions do. The only thing shared with the library is

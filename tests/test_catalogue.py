@@ -1,4 +1,4 @@
-"""Every measure of the catalogue against the NumPy reference (SPEC §2).
+"""Every measure of the catalogue vs the NumPy reference (docs/SPEC.md §2).
 
 Skewed data (gamma, lognormal), several shapes and reduction axes, levels α
 with α n not a whole number (and one where it is), masks, half precision, the
@@ -79,7 +79,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,axes,alpha,kind", CASES)
+@pytest.mark.parametrize("shape,axes,alpha,kind", [
+    # the first case (public path) in the fast tier, the others slow
+    pytest.param(*case, marks=() if i == 0 else pytest.mark.slow)
+    for i, case in enumerate(CASES)])
 def test_every_measure_matches_reference(shape, axes, alpha, kind):
   rng = np.random.default_rng(len(shape) * 1000 + int(alpha * 100))
   x = ref.skewed(rng, shape, kind)
@@ -96,6 +99,7 @@ def test_alpha_n_not_whole_in_cases():
   assert fractional == len(CASES) - 1
 
 
+@pytest.mark.slow
 def test_every_measure_with_mask():
   rng = np.random.default_rng(1)
   x = ref.skewed(rng, (9, 4, 3), "gamma")
@@ -106,6 +110,7 @@ def test_every_measure_with_mask():
   _check_all_measures(x, (0, 1), 0.41, mask=row_mask)
 
 
+@pytest.mark.slow
 def test_every_statistic_with_every_deviation():
   rng = np.random.default_rng(2)
   x = ref.skewed(rng, (23, 2), "lognormal")
@@ -133,6 +138,7 @@ def test_registries_have_the_spec_names():
     assert gbn_jax.NATURAL_STATISTIC[dev] in gbn_jax.STATISTICS
 
 
+@pytest.mark.slow
 def test_registry_functions_are_pure_functions_of_a_sample():
   rng = np.random.default_rng(3)
   x = ref.skewed(rng, (17, 3), "gamma")
@@ -189,6 +195,7 @@ def test_overflow_safe_averages_only_where_order_statistics_are():
       assert m.overflow_safe is (not plain), (stat, dev)
 
 
+@pytest.mark.slow
 def test_quantile_rank_rule_matches_numpy_inverted_cdf():
   # The reference's rank rule vs numpy's inverted_cdf, where α n is not
   # within float32 rounding of a whole number (there they must agree).
@@ -225,6 +232,7 @@ def test_quantile_rank_rule_matches_numpy_inverted_cdf():
       np.quantile(samples[3], 0.37, method="inverted_cdf"))
 
 
+@pytest.mark.slow
 def test_superquantile_is_the_exact_cvar():
   # Independent of both implementations: the CVaR of the empirical
   # distribution as an integral of its quantile function,
@@ -246,6 +254,7 @@ def test_superquantile_is_the_exact_cvar():
     assert float(d[0]) == pytest.approx(cvar - v.mean(), rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_gaussian_consistent_every_deviation():
   rng = np.random.default_rng(6)
   x = ref.skewed(rng, (31, 2), "gamma")
@@ -262,6 +271,7 @@ def test_gaussian_consistent_every_deviation():
     _assert_close(c, rc, 10.0, f"gaussian_consistent {dev} center")
 
 
+@pytest.mark.slow
 def test_gaussian_consistent_equals_sigma_on_normal_data():
   # The defining property: c·D ≈ σ on a large normal sample (σ = 2.5).
   rng = np.random.default_rng(7)
@@ -273,6 +283,7 @@ def test_gaussian_consistent_equals_sigma_on_normal_data():
     assert float(d[0]) == pytest.approx(2.5, rel=0.03), dev
 
 
+@pytest.mark.slow
 def test_half_precision_reduces_in_float32():
   rng = np.random.default_rng(8)
   x16 = jnp.asarray(ref.skewed(rng, (25, 3), "gamma"), jnp.bfloat16)
@@ -299,6 +310,7 @@ def test_normalize_matches_reference():
   _assert_close(y, ry, 10.0, "normalize", rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_half_precision_reductions_count_exactly():
   # force_float32_reductions=False reduces in bfloat16, but n must stay
   # exact: bfloat16(1001) = 1000 would move the quantile rank k.
@@ -319,6 +331,7 @@ def test_half_precision_reductions_count_exactly():
                                     f"{stat} alpha={alpha} mask={m is not None}")
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     n=st.integers(1, 50),

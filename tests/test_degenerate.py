@@ -28,6 +28,8 @@ from tests.batched import many_statistics
 
 F32_MAX = float(np.finfo(np.float32).max)
 DEVS = sorted(gbn_jax.DEVIATIONS)
+FAST_DEVS = {"std", "mean_abs", "lp", "upper_semi", "lower_semi",
+             "superquantile"}  # the rest run in the slow tier
 ORDER_STATS = ["quantile", "median", "midrange", "mixed_quantile"]
 ORDER_DEVS = ["superquantile", "median_abs", "half_range", "mixed_superquantile"]
 LEVELS = (0.3, 0.8)
@@ -95,7 +97,7 @@ ALL_STATS = ["mean", "median", "quantile", "midrange", "mixed_quantile"]
 def _layers(x, mask=None, statistics=ALL_STATS, deviations=DEVS):
   """{(statistic, deviation): (S, D, y)}: ``_layer`` for every pair.
 
-  S and D are separate measures (SPEC: any statistic pairs with any
+  S and D are separate measures (docs/SPEC.md §2: any statistic pairs with any
   deviation), so each is computed once, all in one compiled program
   (tests/batched.py), and paired here; ``statistic=None`` is the natural one.
   y = ``_normalize(x, S, D)``, the layer's output. The public path
@@ -128,7 +130,11 @@ def _ftz(v):
   return np.where(np.abs(v) < np.finfo(np.float32).tiny, np.float32(0), v)
 
 
-@pytest.mark.parametrize("deviation", DEVS)
+# the mean-based deviations and the default (superquantile) in the fast
+# tier, the other order-statistic deviations slow
+@pytest.mark.parametrize("deviation", [
+    d if d in FAST_DEVS else pytest.param(d, marks=pytest.mark.slow)
+    for d in DEVS])
 def test_constant_channel_gives_beta_exactly(deviation):
   consts = np.asarray(CONSTANTS, np.float32)
   x = jnp.asarray(np.broadcast_to(consts, (7, consts.size)))
@@ -156,6 +162,7 @@ def test_constant_channel_gives_beta_exactly(deviation):
   assert _grads_finite(x[:, :4])[deviation]  # moderate constants
 
 
+@pytest.mark.slow
 def test_constant_channel_module_and_running_averages():
   x = jnp.broadcast_to(jnp.asarray([0.1, -7.3, 1e-40, 1e30]), (5, 4))
   outs = _apply_modules(x, bias_init=jax.nn.initializers.constant(0.5))
@@ -178,6 +185,7 @@ def _apply_modules(x, **fields):
                                 for m, v in zip(mods, vs)])(variables, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 5), (1, 1, 1, 5)])
 def test_batch_of_one(shape):
   x = jnp.asarray(np.random.default_rng(1).normal(size=shape) * 10, jnp.float32)
@@ -193,6 +201,7 @@ def test_batch_of_one(shape):
   assert all(_grads_finite(x.reshape(1, -1)).values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deviation", DEVS)
 def test_all_false_mask_channel_is_finite(deviation):
   rng = np.random.default_rng(2)
@@ -211,6 +220,7 @@ def test_all_false_mask_channel_is_finite(deviation):
   assert _grads_finite(x, jnp.asarray(mask))[deviation]
 
 
+@pytest.mark.slow
 def test_module_all_false_mask_keeps_running_averages_finite():
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 2)), jnp.float32)
   m = gbn_jax.GeneralizedBatchNorm(use_running_average=False)
@@ -235,6 +245,7 @@ def _extreme_batch(rng, scale):
   return np.asarray(x, np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statistic", ORDER_STATS)
 def test_near_float32_limits_order_statistic_measures(statistic):
   rng = np.random.default_rng(4)
@@ -275,6 +286,7 @@ def test_near_float32_limits_mean_based_configurations():
     assert np.isfinite(y).all(), dev
 
 
+@pytest.mark.slow
 def test_order_statistics_exact_over_the_whole_float32_range():
   rng = np.random.default_rng(5)
   x = rng.uniform(-1, 1, size=(16, 2)) * F32_MAX
@@ -297,6 +309,7 @@ def _other_channels_identical(a, b, channel):
   np.testing.assert_array_equal(np.asarray(a)[..., keep], np.asarray(b)[..., keep])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deviation", DEVS)
 def test_inf_in_a_channel(deviation):
   rng = np.random.default_rng(6)
@@ -329,6 +342,7 @@ def test_inf_in_a_channel(deviation):
         assert np.isnan(y[:, c]).all(), (statistic, c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deviation", DEVS)
 def test_nan_channel_isolated_bit_for_bit(deviation):
   rng = np.random.default_rng(7)
@@ -351,6 +365,7 @@ def test_nan_channel_isolated_bit_for_bit(deviation):
       _other_channels_identical(a, b, channel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deviation", DEVS)
 def test_masked_out_inf_and_nan_change_nothing(deviation):
   rng = np.random.default_rng(8)
@@ -388,6 +403,7 @@ def _statistics_grads(x, mask):
   return tuple(jax.grad(loss)(x, dev) for dev in DEVS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deviation", ["superquantile", "mixed_superquantile",
                                        "median_abs"])
 def test_layers_equal_public_path(deviation):

@@ -1,6 +1,6 @@
 """Every bad configuration raises a ValueError naming the value and the choices.
 
-SPEC §5: unknown names, α outside (0, 1), p < 1, a statistic that needs an α
+docs/SPEC.md §5: unknown names, α outside (0, 1), p < 1, a statistic that needs an α
 without one, bad mixture levels/weights -- at set-up (module construction) or
 trace time (the functional API, also under jit), never a NaN later.
 """
@@ -103,6 +103,7 @@ def test_make_measures_raises_the_same():
     _check_message(exc, must_contain)
 
 
+@pytest.mark.slow
 def test_good_configurations_do_not_raise():
   # The boundary of each rule, on the valid side.
   x = jnp.asarray(np.random.default_rng(0).gamma(2.0, size=(9, 2)),

@@ -1,6 +1,6 @@
 """``GeneralizedBatchNorm(statistic="mean", deviation="std")`` is nn.BatchNorm.
 
-SPEC §1/§5: outputs, gradients, running averages and eval outputs agree with
+docs/SPEC.md §1/§5: outputs, gradients, running averages and eval outputs agree with
 ``flax.linen.BatchNorm`` to 1e-5 in float32, over several optax SGD steps on
 changing inputs, with and without a mask; every nn.BatchNorm field exists
 with the same default.
@@ -196,7 +196,7 @@ def test_every_batchnorm_field_with_the_same_default():
 
 
 def test_running_averages_follow_the_spec_for_gbn():
-  # SPEC §5 for a non-BN measure: ra = m·ra + (1-m)·batch value of S and D².
+  # docs/SPEC.md §5 for a non-BN measure: ra = m·ra + (1-m)·batch value of S and D².
   rng = np.random.default_rng(3)
   x1 = jnp.asarray(ref.skewed(rng, (9, 2), "gamma"))
   x2 = jnp.asarray(ref.skewed(rng, (9, 2), "lognormal"))

@@ -3,7 +3,8 @@
 Hypothesis draws a configuration -- statistic, deviation, α, p, levels and
 weights, Gaussian consistency, axes, mask, dtype; each either valid or one of
 the documented bad values -- and an input. An independent oracle below (the
-SPEC's rules, not the library's validators) says whether the call is valid:
+rules of docs/SPEC.md, not the library's validators) says whether the call is
+valid:
 
 - invalid: the call raises the documented exception (``ValueError`` for
   configuration, ``TypeError`` for integer input), before anything runs;
@@ -134,7 +135,7 @@ def configs(draw):
 
 
 def _expected_error(cfg, x, dtype, mask):
-  """The SPEC's rules: the exception types a call may raise (empty: valid)."""
+  """docs/SPEC.md's rules: the exception types a call may raise (none: valid)."""
   errors = set()
   dev, stat = cfg["deviation"], cfg["statistic"]
   if not isinstance(dev, str) or dev not in DEVS:
@@ -180,6 +181,7 @@ def _params(cfg):
   return kw
 
 
+@pytest.mark.slow
 @settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None)
 @given(configs())
 def test_fuzz_functional_api(case):

@@ -1,10 +1,10 @@
-"""Gradients of every measure (SPEC §3).
+"""Gradients of every measure (docs/SPEC.md §3).
 
 The oracle is ``jax.grad`` of a sort-based JAX reference written here,
 independently of the library: order statistics are entries of ``jnp.sort``
 and the superquantile is its L-estimator form
 (1/((1-α)n)) [(k - αn) x_(k) + Σ_{i>k} x_(i)], whose gradient carries the
-(k - αn) term at q_α. Also hand-written SPEC §3 gradients, and
+(k - αn) term at q_α. Also hand-written docs/SPEC.md §3 gradients, and
 ``jax.test_util.check_grads`` (finite differences) where the measure is
 smooth, or piecewise linear away from ties.
 """
@@ -124,6 +124,7 @@ def _close(a, b, what):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_grad_every_measure_vs_sort_reference(masked):
   # One Jacobian of all measures at once (two compilations, not 28): row j
@@ -160,6 +161,7 @@ def test_grad_every_measure_vs_sort_reference(masked):
       assert np.all(np.asarray(g[j])[~mask] == 0), what
 
 
+@pytest.mark.slow
 def test_grad_of_the_transform_every_measure():
   # Through y = (x - S) / sqrt(D² + ε), S the natural statistic, as a layer
   # uses it (including the D² = variance path of std).
@@ -193,7 +195,7 @@ def test_grad_of_the_transform_every_measure():
 
 
 def test_superquantile_gradient_has_the_k_minus_alpha_n_term():
-  # SPEC §3 by hand: ∂q̄_α/∂x_i = 1/((1-α)n) above q_α, (k-αn)/((1-α)n) at
+  # docs/SPEC.md §3 by hand: ∂q̄_α/∂x_i = 1/((1-α)n) above q_α, (k-αn)/((1-α)n) at
   # q_α, 0 below; D = q̄_α - μ subtracts 1/n everywhere.
   n, alpha = 23, 0.37  # αn = 8.51, k = 9, k - αn = 0.49
   x = _data((n, 1), seed=5)
@@ -214,6 +216,7 @@ def test_superquantile_gradient_has_the_k_minus_alpha_n_term():
   np.testing.assert_array_equal(np.asarray(gq[:, 0]), (v == q).astype(float))
 
 
+@pytest.mark.slow
 def test_superquantile_gradient_every_level_mixed():
   # The mixed deviation: Σ_j λ_j of the single-level gradients.
   n = 31
@@ -239,6 +242,7 @@ PIECEWISE = ["mean_abs", "median_abs", "superquantile", "half_range",
              "mixed_superquantile"]
 
 
+@pytest.mark.slow
 def test_check_grads():
   # n = 13, α = 0.37: k - αn = 0.19, far from the 1/2 that a max(0, ·)
   # subgradient would give if q_α were (wrongly) held constant.
@@ -264,6 +268,7 @@ def test_check_grads():
   check_grads(jax.jit(all_measures), (x,), order=1, modes=("rev",), **tol)
 
 
+@pytest.mark.slow
 def test_constant_channel_gradients_are_finite():
   x = jnp.ones((10, 2), jnp.float32) * jnp.asarray([3.0, -1.0])
   devs = list(gbn_jax.DEVIATIONS)

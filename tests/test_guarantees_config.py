@@ -207,7 +207,7 @@ def test_traced_alpha_is_refused_with_a_clear_error():
 
 
 def test_good_configurations_pass():
-  """The validators do not refuse what the SPEC allows (guards the tests above)."""
+  """The validators do not refuse what docs/SPEC.md allows (guards the tests above)."""
   for dev in gbn_jax.DEVIATIONS:
     kw = dict(levels=(0.25, 0.75)) if "mixed" in dev else {}
     for stat in [None, *gbn_jax.STATISTICS]:

@@ -39,6 +39,7 @@ def _data(shape=(16, 3), seed=0, loc=2.0):
   return jnp.asarray(rng.normal(loc, 3.0, size=shape), jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("half", HALF)
 def test_functional_reduces_in_float32(half):
   x32 = _data()
@@ -65,6 +66,7 @@ def test_functional_reduces_in_float32(half):
   np.testing.assert_array_equal(np.asarray(dh), np.asarray(d2))
 
 
+@pytest.mark.slow
 def test_float16_range_does_not_overflow():
   # values near float16's max: their squares and sums overflow in float16,
   # not in the float32 reduction
@@ -76,6 +78,7 @@ def test_float16_range_does_not_overflow():
     assert (np.asarray(d) > 1e3).all(), dev
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("half", HALF)
 def test_module_output_agrees_with_float32(half):
   x32 = _data((8, 4, 3), seed=2)

@@ -1,4 +1,4 @@
-"""Across devices (SPEC §4): 8 simulated CPU devices (see conftest.py).
+"""Across devices (docs/SPEC.md §4): 8 simulated CPU devices (see conftest.py).
 
 With ``axis_name`` (and ``axis_index_groups``) under ``pmap`` / ``shard_map``
 the sample is the union of the group's values: the result equals one device
@@ -102,8 +102,12 @@ def test_device_count():
   assert jax.device_count() >= N_DEV, "conftest.py sets 8 CPU devices"
 
 
-@pytest.mark.parametrize("groups_name", list(GROUPS))
-@pytest.mark.parametrize("masked", [False, True])
+# all devices unmasked in the fast tier, the other combinations slow
+@pytest.mark.parametrize("groups_name", [
+    g if g == "all" else pytest.param(g, marks=pytest.mark.slow)
+    for g in GROUPS])
+@pytest.mark.parametrize(
+    "masked", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pmap_batch_statistics_equals_one_device(groups_name, masked):
   groups = GROUPS[groups_name]
   xs, masks = _data(list(GROUPS).index(groups_name) + 10 * masked, masked)
@@ -116,6 +120,7 @@ def test_pmap_batch_statistics_equals_one_device(groups_name, masked):
   _check(got, xs, masks, groups)
 
 
+@pytest.mark.slow
 def test_shard_map_and_sharded_jit_equal_one_device():
   xs, _ = _data(7, False)
   mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("batch",))
@@ -156,6 +161,7 @@ def _modules(axis_name, groups, train=True):
   ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups_name", ["all", "halves"])
 def test_pmap_module_equals_one_device(groups_name):
   groups = GROUPS[groups_name]
@@ -200,6 +206,7 @@ def _weighted_measures(x, mask, weights, axis_name=None, groups=None):
   return jnp.sum(weights[0] * c) + jnp.sum(weights[1] * d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups_name", ["all", "halves"])
 def test_pmap_gradients_equal_one_device(groups_name):
   """d/dx of every measure under pmap (pmax/pmin included: half_range,

@@ -22,12 +22,16 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gbn_jax
 from gbn_jax import batch_statistics
 from tests.batched import many_statistics
+
+# Every property compiles the all-measures program of its shapes: slow tier.
+pytestmark = pytest.mark.slow
 
 N_EXAMPLES = 10
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,

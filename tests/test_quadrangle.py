@@ -1,9 +1,9 @@
-"""The risk-quadrangle identities of SPEC §2, by brute-force minimisation.
+"""The risk-quadrangle identities of docs/SPEC.md §2, by brute-force minimisation.
 
 For each pair, D(X) = min_c E(X - c) and S(X) = argmin_c E(X - c), found in
 NumPy/float64 by a dense grid over [min X, max X] and a bounded local refine
 around the best grid point. Checked against both the NumPy reference and the
-library. Also the deviation axioms of SPEC §1 for every deviation.
+library. Also the deviation axioms of docs/SPEC.md §1 for every deviation.
 """
 
 import math
@@ -93,6 +93,7 @@ def _check_pair(v, deviation, alpha=0.5, unique=True):
     assert lc == pytest.approx(c_min, abs=1e-5 * spread), what
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     n=st.integers(5, 60),
@@ -130,7 +131,7 @@ def test_median_abs_minimiser_set_for_even_n():
 
 
 # --------------------------------------------------------------------------
-# The deviation axioms (SPEC §1), on the library in float32.
+# The deviation axioms (docs/SPEC.md §1), on the library in float32.
 # --------------------------------------------------------------------------
 
 _PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
@@ -142,6 +143,7 @@ def _dev(x, deviation):
                                **_PARAMS)[1], np.float64)
 
 
+@pytest.mark.slow
 def test_deviation_axioms_every_deviation():
   rng = np.random.default_rng(13)
   x = ref.skewed(rng, (27, 6), "gamma")

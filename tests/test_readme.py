@@ -13,7 +13,11 @@ def test_readme_has_examples():
   assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+# the online-mode example (the cheapest) in the fast tier, the others slow
+@pytest.mark.parametrize("index", [
+    i if 'mode="online"' in block
+    else pytest.param(i, marks=pytest.mark.slow)
+    for i, block in enumerate(BLOCKS)])
 def test_readme_example_runs(index):
   namespace = {"__name__": f"readme_example_{index}"}
   exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)

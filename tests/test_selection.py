@@ -122,6 +122,7 @@ def test_exact_with_masks(seed, alpha, p_valid):
   assert float(v[0]) == 0.0
 
 
+@pytest.mark.slow
 def test_exact_beyond_the_packed_counts():
   # Two counts share one uint32 sum while a channel has < 2**16 slots per
   # device; more slots take separate float32 counts. Both exact.
@@ -134,6 +135,7 @@ def test_exact_beyond_the_packed_counts():
     _check(x, None, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_exact_over_several_reduction_axes_with_mask(channels_last):
   # NHWC input, statistics over (0, 1, 2): the packed counts run on the
@@ -185,6 +187,7 @@ def test_nan_stays_in_its_channel():
   assert np.isnan(np.asarray(_select_fn(False)(y, None, jnp.asarray(k_hi))[0])[3])
 
 
+@pytest.mark.slow
 def test_half_precision_input():
   x = _adversarial(np.random.default_rng(3))[:, :4].astype(jnp.bfloat16)
   s = Sample(jnp.asarray(x), (0,))
@@ -207,6 +210,7 @@ def _stats_loss(kth, deviation, x, mask=None, **kw):
   return jnp.sum(w * c) + jnp.sum(w**2 * d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "deviation,kw",
     [
@@ -228,6 +232,7 @@ def test_gradient_matches_sort_reference(deviation, kw):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_splits_ties():
   # Ties share the unit of gradient: sum over the tie group is 1.
   x = jnp.asarray([[1.0, 2.0, 2.0, 2.0, 5.0]], jnp.float32).T  # (5, 1)
@@ -248,6 +253,7 @@ def test_gradient_splits_ties():
   np.testing.assert_array_equal(fwd, ref)
 
 
+@pytest.mark.slow
 def test_backward_is_elementwise_no_scatter_no_sort():
   x = jnp.ones((16, 8, 8, 4))
   f = lambda x: jnp.sum(
@@ -267,6 +273,7 @@ def test_backward_is_elementwise_no_scatter_no_sort():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_approximate_mode_error_vs_exact():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((64, 8, 8, 6)) * np.arange(1, 7), jnp.float32)
@@ -288,6 +295,7 @@ def test_approximate_mode_error_vs_exact():
     np.testing.assert_allclose(d_ap, d_ex, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_approximate_mode_module_and_validation():
   x = jnp.asarray(np.random.default_rng(6).standard_normal((32, 4)), jnp.float32)
   m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, approximate=True)
@@ -315,6 +323,7 @@ def _adversarial_to_subsample(n, stride):
   return np.stack(cols, -1).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.01, 0.5, 0.93])
 def test_exact_when_the_first_bracket_misses(alpha):
   # Pivot subsample stride 4 at n = 4 * PIVOT_SUBSAMPLE_SIZE: the normal fit
@@ -325,6 +334,7 @@ def test_exact_when_the_first_bracket_misses(alpha):
   _check(x, None, k)
 
 
+@pytest.mark.slow
 def test_exact_when_interpolation_is_blind():
   # Tight clusters far apart (rank interpolation places pivots in the empty
   # gaps: counting stalls, so the snap must run) and a point mass at the

@@ -53,6 +53,7 @@ def _check(got, want):
   np.testing.assert_allclose(gd, wd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shard_map_equals_one_device(mesh):
   x, mask = _data()
   xs = jax.device_put(x, NamedSharding(mesh, P("d")))
@@ -110,6 +111,7 @@ def test_shard_map_subgroups_by_mesh_axis():
   _check((c[1], d[1]), _stats(x[32:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]]])
 def test_pmap_equals_one_device(groups):
   x, mask = _data()
@@ -143,6 +145,7 @@ def test_pmap_equals_one_device(groups):
     assert not re.search(r"all-gather", hlo)
 
 
+@pytest.mark.slow
 def test_sharded_jit_equals_one_device(mesh):
   x, mask = _data()
   xs = jax.device_put(x, NamedSharding(mesh, P("d")))
@@ -152,6 +155,7 @@ def test_sharded_jit_equals_one_device(mesh):
   np.testing.assert_allclose(g, jax.grad(_loss)(x, mask), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_module_under_pmap():
   x, _ = _data()
   m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, axis_name="d")

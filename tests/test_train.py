@@ -29,6 +29,7 @@ def test_quick_flag_is_the_smoke_configuration():
   assert args.steps <= 400 and args.seeds >= 2
 
 
+@pytest.mark.slow
 def test_reduced_quick_run_writes_the_three_files(tmp_path):
   """--quick's configuration with fewer steps, end to end on real mnist1d."""
   out = tmp_path / "run"
@@ -124,7 +125,11 @@ def test_digits_split_is_fixed_and_standardised():
 # -- models ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm", ALL_NORMS)
+# the exact order-statistic norms and BN compile the most: slow tier
+@pytest.mark.parametrize("norm", [
+    pytest.param(n, marks=pytest.mark.slow)
+    if n in ("bn", "gbn-superquantile", "gbn-median_abs") else n
+    for n in ALL_NORMS])
 def test_each_norm_builds_a_model_with_finite_forward_pass(norm):
   spec = train.expand_norms([norm], [0.3])[0]
   rng = np.random.default_rng(1)

@@ -1,6 +1,6 @@
 """jit, no-jit and vmap agree; masks, including channels with no valid value.
 
-SPEC §4: ``mask`` (broadcastable, True = counts) restricts the sample as in
+docs/SPEC.md §4: ``mask`` (broadcastable, True = counts) restricts the sample as in
 Flax, and a channel with no valid value gives finite output, never NaN --
 values, layer outputs and gradients.
 """
@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import gbn_jax
 from tests import reference as ref
@@ -62,6 +63,7 @@ def _empty_channel_mask(shape, seed=1):
 class VariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_batch_statistics_variants_match_reference(self):
     x = _data()
     fn = self.variant(all_measures)
@@ -71,6 +73,7 @@ class VariantsTest(chex.TestCase):
     np.testing.assert_allclose(got_d, want_d, rtol=2e-5, atol=2e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_masked_with_empty_channel(self):
     x = _data(2)
     mask = _empty_channel_mask(x.shape)
@@ -88,6 +91,7 @@ class VariantsTest(chex.TestCase):
     np.testing.assert_allclose(got_c[:, 2], x[0, 0, 2], rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.slow
   def test_gradients_finite_with_empty_channel(self):
     x = _data(3)
     mask = jnp.asarray(_empty_channel_mask(x.shape))
@@ -123,6 +127,7 @@ class VariantsTest(chex.TestCase):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_matches_loop():
   # vmap over an extra leading axis (e.g. an ensemble) = one call per slice.
   xs = _data(7, (3, 5, 3, 4))
@@ -143,6 +148,7 @@ def test_vmap_matches_loop():
     np.testing.assert_allclose(ys[i], y_i, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mask_equals_the_restricted_sample():
   # Masking whole rows = dropping those rows (the Flax meaning of mask).
   x = _data(9, (7, 3, 4))
@@ -159,6 +165,7 @@ def test_mask_equals_the_restricted_sample():
   np.testing.assert_allclose(full[1], none[1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_out_values_may_be_nan_or_inf():
   # Padding under the mask (NaN, ±inf) changes neither the statistics nor
   # the gradients of the valid values.
@@ -183,6 +190,7 @@ def test_masked_out_values_may_be_nan_or_inf():
   assert np.all(np.asarray(g_pad)[~mask] == 0)
 
 
+@pytest.mark.slow
 def test_layer_gradients_finite_with_empty_channel():
   x = _data(3)
   mask = jnp.asarray(_empty_channel_mask(x.shape))
