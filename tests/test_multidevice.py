@@ -102,12 +102,9 @@ def test_device_count():
   assert jax.device_count() >= N_DEV, "conftest.py sets 8 CPU devices"
 
 
-# all devices unmasked in the fast tier, the other combinations slow
-@pytest.mark.parametrize("groups_name", [
-    g if g == "all" else pytest.param(g, marks=pytest.mark.slow)
-    for g in GROUPS])
-@pytest.mark.parametrize(
-    "masked", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("groups_name", list(GROUPS))
+@pytest.mark.parametrize("masked", [False, True])
 def test_pmap_batch_statistics_equals_one_device(groups_name, masked):
   groups = GROUPS[groups_name]
   xs, masks = _data(list(GROUPS).index(groups_name) + 10 * masked, masked)

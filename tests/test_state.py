@@ -145,7 +145,8 @@ def test_init_does_not_update_running_averages():
     np.testing.assert_array_equal(np.asarray(st["var"]), 1.0)
 
 
-@pytest.mark.parametrize("deviation", ["superquantile", "std", "median_abs"])
+@pytest.mark.parametrize("deviation", [
+    "superquantile", "std", pytest.param("median_abs", marks=pytest.mark.slow)])
 def test_running_averages_only_in_training(deviation):
   layer = gbn_jax.GeneralizedBatchNorm(momentum=MOMENTUM, alpha=0.7,
                                        deviation=deviation)
