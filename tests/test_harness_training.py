@@ -82,7 +82,7 @@ def test_precise_stats_with_the_library_function(tmp_path):
     pytest.skip("gbn_jax.linen.recompute_batch_stats not available yet")
   out = tmp_path / "run"
   train.main(["--dataset", "digits", "--model", "mlp", "--width", "16",
-              "--norm", "bn", "gbn-superquantile", "none", "--seeds", "1",
+              "--norm", "gbn-superquantile", "none", "--seeds", "1",
               "--steps", "10", "--eval-every", "10", "--batch-size", "32",
               "--precise-stats", "3", "--out", str(out), "--no-progress"])
   _, rows = _read_csv(out / "results.csv")
