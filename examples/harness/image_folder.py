@@ -254,8 +254,8 @@ def load_image_folder(source: str, cache_dir: str | None = None,
   desc = f"decoding {os.path.basename(os.path.normpath(source))}"
   if files is not None:
     classes = _check_classes(os.path.normpath(source), files)
-    paths = [(s, c, os.path.join(source, rel)) for s, c, rel in files]
-    items = [(s, c, p, p) for s, c, p in paths]  # read by path
+    full = [(s, c, os.path.join(source, rel)) for s, c, rel in files]
+    items = [(s, c, path, path) for s, c, path in full]  # read by path
     read = _read_file
   else:
     members = _archive_members(source)
