@@ -78,6 +78,8 @@ def deviation(v, name, *, alpha=0.5, p=2.0, levels=None, weights=None):
     return float(
         sum(w * (superquantile_value(v, a) - mu) for a, w in zip(levels, weights))
     )
+  if name == "abs_superquantile":
+    return superquantile_value(np.abs(v - mu), alpha)
   raise KeyError(name)
 
 
@@ -85,6 +87,7 @@ NATURAL = {
     "std": "mean", "mean_abs": "mean", "lp": "mean", "upper_semi": "mean",
     "lower_semi": "mean", "median_abs": "median", "superquantile": "quantile",
     "half_range": "midrange", "mixed_superquantile": "mixed_quantile",
+    "abs_superquantile": "mean",
 }
 
 
@@ -105,6 +108,10 @@ def gaussian_factor(name, *, alpha=0.5, p=2.0, levels=None, weights=None):
     return 1 / sq(alpha)
   if name == "mixed_superquantile":
     return 1 / sum(w * sq(a) for a, w in zip(levels, weights))
+  if name == "abs_superquantile":
+    # CVaR_α of |Z|: its quantile function is Φ^-1((1 + u)/2).
+    return (1 - alpha) / _st.norm.expect(
+        lambda z: abs(z), lb=_st.norm.ppf((1 + alpha) / 2)) / 2
   raise KeyError(name)
 
 
