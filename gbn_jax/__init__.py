@@ -12,21 +12,21 @@ docs/SPEC.md is the contract.
 import importlib
 
 from gbn_jax.catalogue import (
-    DEVIATION_SPECS,
-    DEVIATIONS,
-    NATURAL_STATISTIC,
-    STATISTIC_SPECS,
-    STATISTICS,
-    DeviationSpec,
-    StatisticSpec,
-    gaussian_consistency_factor,
+  DEVIATION_SPECS,
+  DEVIATIONS,
+  NATURAL_STATISTIC,
+  STATISTIC_SPECS,
+  STATISTICS,
+  DeviationSpec,
+  StatisticSpec,
+  gaussian_consistency_factor,
 )
 from gbn_jax.functional import (
-    Measures,
-    batch_statistics,
-    make_measures,
-    normalize,
-    sample_statistics,
+  Measures,
+  batch_statistics,
+  make_measures,
+  normalize,
+  sample_statistics,
 )
 from gbn_jax.order_statistics import kth_smallest, quantile_rank
 from gbn_jax.sample import Sample
@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
   # The Flax wrapper is imported lazily so the functional core needs no flax.
   if name == "GeneralizedBatchNorm":
-    from gbn_jax.linen import GeneralizedBatchNorm
+    from gbn_jax.linen import GeneralizedBatchNorm  # noqa: PLC0415
 
     return GeneralizedBatchNorm
   if name in ("linen", "nnx", "online"):
@@ -46,21 +46,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEVIATIONS",
-    "DEVIATION_SPECS",
-    "DeviationSpec",
-    "STATISTIC_SPECS",
-    "StatisticSpec",
-    "GeneralizedBatchNorm",
-    "Measures",
-    "NATURAL_STATISTIC",
-    "STATISTICS",
-    "Sample",
-    "batch_statistics",
-    "gaussian_consistency_factor",
-    "kth_smallest",
-    "make_measures",
-    "normalize",
-    "quantile_rank",
-    "sample_statistics",
+  "DEVIATIONS",
+  "DEVIATION_SPECS",
+  "NATURAL_STATISTIC",
+  "STATISTICS",
+  "STATISTIC_SPECS",
+  "DeviationSpec",
+  "GeneralizedBatchNorm",
+  "Measures",
+  "Sample",
+  "StatisticSpec",
+  "batch_statistics",
+  "gaussian_consistency_factor",
+  "kth_smallest",
+  "make_measures",
+  "normalize",
+  "quantile_rank",
+  "sample_statistics",
 ]

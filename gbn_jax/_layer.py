@@ -19,10 +19,10 @@ from jax import lax
 from gbn_jax import online
 from gbn_jax.config import LayerConfig
 from gbn_jax.functional import (
-    complex_statistics,
-    is_complex_input,
-    make_sample,
-    normalize,
+  complex_statistics,
+  is_complex_input,
+  make_sample,
+  normalize,
 )
 from gbn_jax.sample import Sample, canonicalize_axes, check_floating_input
 
@@ -48,12 +48,12 @@ def feature_layout(ndim: int, axis) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def initial_state(
-    cfg: LayerConfig, feature_shape: tuple[int, ...], dtype=jnp.float32
+  cfg: LayerConfig, feature_shape: tuple[int, ...], dtype=jnp.float32
 ) -> dict[str, Array]:
   """The running state a new layer starts from (S = 0, D^2 = 1, as BN)."""
   state = {
-      "mean": jnp.zeros(feature_shape, dtype),
-      "var": jnp.ones(feature_shape, dtype),
+    "mean": jnp.zeros(feature_shape, dtype),
+    "var": jnp.ones(feature_shape, dtype),
   }
   if cfg.mode == "online":
     state.update(online.init_state(cfg.measures, feature_shape, dtype))
@@ -75,14 +75,14 @@ def warm_start_guess(center: Array, dev_sq: Array) -> tuple[Array, Array]:
 
 
 def train_statistics(
-    cfg: LayerConfig,
-    x: Array,
-    running: Mapping[str, Array],
-    *,
-    axes: tuple[int, ...],
-    mask: Array | None = None,
-    pooled: bool = True,
-    warm: bool = True,
+  cfg: LayerConfig,
+  x: Array,
+  running: Mapping[str, Array],
+  *,
+  axes: tuple[int, ...],
+  mask: Array | None = None,
+  pooled: bool = True,
+  warm: bool = True,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """S, D^2 to normalize a training batch with, and the new running state.
 
@@ -94,7 +94,8 @@ def train_statistics(
     mask: True marks the values that enter the statistics.
     pooled: pool over ``cfg.axis_name`` (False while a linen module is being
       initialized, where the named axis need not exist).
-    warm: start the selection from the running averages (:func:`warm_start_guess`).
+    warm: start the selection from the running averages
+      (:func:`warm_start_guess`).
 
   Batch mode: S, D^2 of the batch; the running averages move as
   ``ra = momentum * ra + (1 - momentum) * batch value``. A channel the mask
@@ -104,35 +105,35 @@ def train_statistics(
   ``var`` then hold.
   """
   return _train_statistics(
-      x,
-      mask,
-      dict(running),
-      cfg=cfg,
-      axes=axes,
-      pooled=pooled,
-      warm=bool(warm and cfg.warm_start and cfg.measures.selected_levels()),
+    x,
+    mask,
+    dict(running),
+    cfg=cfg,
+    axes=axes,
+    pooled=pooled,
+    warm=bool(warm and cfg.warm_start and cfg.measures.selected_levels()),
   )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "axes", "pooled", "warm")
-)
+@functools.partial(jax.jit, static_argnames=("cfg", "axes", "pooled", "warm"))
 def _train_statistics(x, mask, running, *, cfg, axes, pooled, warm):
   # A jit with the configuration static: an eager call compiles the
   # selection loops once per shape; inside a user's jit it is inlined.
   sample_kwargs = dict(
-      mask=mask,
-      axis_name=cfg.axis_name if pooled else None,
-      axis_index_groups=cfg.axis_index_groups if pooled else None,
-      dtype=cfg.dtype,
-      force_float32_reductions=cfg.force_float32_reductions,
-      approximate=cfg.approximate,
+    mask=mask,
+    axis_name=cfg.axis_name if pooled else None,
+    axis_index_groups=cfg.axis_index_groups if pooled else None,
+    dtype=cfg.dtype,
+    force_float32_reductions=cfg.force_float32_reductions,
+    approximate=cfg.approximate,
   )
   if cfg.mode == "online":
     trackers = {k: v for k, v in running.items() if k not in RUNNING_KEYS}
     center, dev_sq, new = online.update(
-        cfg.measures, trackers, Sample(x, axes, **sample_kwargs),
-        momentum=cfg.momentum,
+      cfg.measures,
+      trackers,
+      Sample(x, axes, **sample_kwargs),
+      momentum=cfg.momentum,
     )
     new["mean"] = lax.stop_gradient(center)
     new["var"] = lax.stop_gradient(dev_sq)
@@ -141,14 +142,22 @@ def _train_statistics(x, mask, running, *, cfg, axes, pooled, warm):
   old_center, old_dev_sq = running["mean"], running["var"]
   if is_complex_input(cfg.measures, x):
     center, dev_sq = complex_statistics(
-        cfg.measures, x, axes, mask=mask, squared=True,
-        axis_name=sample_kwargs["axis_name"],
-        axis_index_groups=sample_kwargs["axis_index_groups"],
+      cfg.measures,
+      x,
+      axes,
+      mask=mask,
+      squared=True,
+      axis_name=sample_kwargs["axis_name"],
+      axis_index_groups=sample_kwargs["axis_index_groups"],
     )
-    return center, dev_sq, {
+    return (
+      center,
+      dev_sq,
+      {
         "mean": cfg.momentum * old_center + (1 - cfg.momentum) * center,
         "var": cfg.momentum * old_dev_sq + (1 - cfg.momentum) * dev_sq,
-    }
+      },
+    )
   guess = warm_start_guess(old_center, old_dev_sq) if warm else None
   sample = make_sample(cfg.measures, x, axes, guess=guess, **sample_kwargs)
   center, dev_sq = cfg.measures.center_and_dev_sq(sample)
@@ -166,15 +175,15 @@ def _train_statistics(x, mask, running, *, cfg, axes, pooled, warm):
 
 
 def transform(
-    x: Array,
-    center: Array,
-    dev_sq: Array,
-    *,
-    cfg: LayerConfig,
-    feature_axes: tuple[int, ...],
-    reduction_axes: tuple[int, ...],
-    scale: Array | None,
-    bias: Array | None,
+  x: Array,
+  center: Array,
+  dev_sq: Array,
+  *,
+  cfg: LayerConfig,
+  feature_axes: tuple[int, ...],
+  reduction_axes: tuple[int, ...],
+  scale: Array | None,
+  bias: Array | None,
 ) -> tuple[Array, list[Array]]:
   """y = scale (x - S) / sqrt(D^2 + ε) + bias, with ``scale``/``bias`` of the
   feature shape; returns y and the arrays whose dtypes set the output's."""
@@ -189,12 +198,12 @@ def transform(
     bias = bias.reshape(feature_param_shape)
     args.append(bias)
   y = normalize(
-      x,
-      center,
-      dev_sq,
-      axes=reduction_axes,
-      epsilon=cfg.epsilon,
-      scale=scale,
-      bias=bias,
+    x,
+    center,
+    dev_sq,
+    axes=reduction_axes,
+    epsilon=cfg.epsilon,
+    scale=scale,
+    bias=bias,
   )
   return y, args

@@ -8,18 +8,15 @@ its parameters, natural statistic, squared form, Gaussian-consistency
 factor, whether it is mean-based, its online form and whether it is defined
 on complex input. The registries :data:`STATISTICS`, :data:`DEVIATIONS`,
 :data:`NATURAL_STATISTIC`, ... are views of the records; adding a measure is
-one function, one record and its oracle test (CONTRIBUTING.md). Notation: n valid values x_1..x_n of a channel,
-x_(1) <= ... <= x_(n), μ the mean, [t]_+ = max(t, 0), q_α = x_(k) with
-k = ceil(α n) clipped to [1, n].
-
-Every deviation D comes with its natural statistic, the argmin of the error
-measure E it is built from (D(X) = min_c E(X - c), S(X) = argmin_c E(X - c));
+one function, one record and its oracle test (CONTRIBUTING.md). Notation: n
+valid values x_1..x_n of a channel, x_(1) <= ... <= x_(n), μ the mean, [t]_+ =
+max(t, 0), q_α = x_(k) with k = ceil(α n) clipped to [1, n]. Every deviation D
+comes with its natural statistic, the argmin of the error measure E it is built
+from (D(X) = min_c E(X - c), S(X) = argmin_c E(X - c));
 :data:`NATURAL_STATISTIC` names it. Any statistic may be combined with any
-deviation.
-
-Gradients at degenerate points (a constant channel, where a root of zero has
-an infinite derivative) are taken as 0 through a "double where", so a constant
-channel never produces a NaN gradient.
+deviation. Gradients at degenerate points (a constant channel, where a root of
+zero has an infinite derivative) are taken as 0 through a "double where", so a
+constant channel never produces a NaN gradient.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import functools
 import math
 import statistics as _pystats
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +77,7 @@ def midrange(sample: Sample) -> Array:
 
 
 def mixed_quantile(
-    sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
+  sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
 ) -> Array:
   """Σ_j λ_j q_{α_j}: natural statistic of the mixed superquantile deviation.
 
@@ -89,9 +85,12 @@ def mixed_quantile(
   rounding; a constant channel must get its constant exactly).
   """
   qs = [order_statistics.quantile(sample, a) for a in levels]
-  raw = sum(w * q for q, w in zip(qs, weights))
-  return clip_value(raw, functools.reduce(jnp.minimum, qs),
-                    functools.reduce(jnp.maximum, qs))
+  raw = functools.reduce(
+    jnp.add, [w * q for q, w in zip(qs, weights, strict=True)]
+  )
+  return clip_value(
+    raw, functools.reduce(jnp.minimum, qs), functools.reduce(jnp.maximum, qs)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -119,8 +118,9 @@ def variance(sample: Sample, *, fast_variance: bool = False) -> Array:
       # one-pass form loses less to cancellation than E[x²] - μ².
       r = sample.expand(sample.pivot())
       if fast_variance:
-        raw = (sample.average(lambda x: jnp.square(x - r))
-               - jnp.square(mu - sample.pivot()))
+        raw = sample.average(lambda x: jnp.square(x - r)) - jnp.square(
+          mu - sample.pivot()
+        )
       else:
         mu_e = sample.expand(mu)
         raw = sample.average(lambda x: jnp.square(x - mu_e))
@@ -146,23 +146,23 @@ def mean_abs(sample: Sample) -> Array:
 def lp(sample: Sample, *, p: float) -> Array:
   """((1/n) Σ |x_i - μ|^p)^(1/p), p >= 1."""
   mu = sample.expand(sample.mean())
-  return _safe_root(
-      sample.average(lambda x: jnp.abs(x - mu) ** p),
-      1.0 / p)
+  return _safe_root(sample.average(lambda x: jnp.abs(x - mu) ** p), 1.0 / p)
 
 
 def upper_semi(sample: Sample) -> Array:
   """sqrt((1/n) Σ [x_i - μ]_+^2), the upper semideviation."""
   mu = sample.expand(sample.mean())
   return _safe_root(
-      sample.average(lambda x: jnp.square(jnp.maximum(x - mu, 0.0))), 0.5)
+    sample.average(lambda x: jnp.square(jnp.maximum(x - mu, 0.0))), 0.5
+  )
 
 
 def lower_semi(sample: Sample) -> Array:
   """sqrt((1/n) Σ [μ - x_i]_+^2), the lower semideviation."""
   mu = sample.expand(sample.mean())
   return _safe_root(
-      sample.average(lambda x: jnp.square(jnp.maximum(mu - x, 0.0))), 0.5)
+    sample.average(lambda x: jnp.square(jnp.maximum(mu - x, 0.0))), 0.5
+  )
 
 
 def median_abs(sample: Sample) -> Array:
@@ -177,8 +177,9 @@ def superquantile_value(sample: Sample, alpha: float) -> Array:
 
   Equal to the L-estimator (1/((1-α) n)) [(k - α n) x_(k) + Σ_{i>k} x_(i)]
   for every α; its gradient is 1/((1-α) n) above q_α and
-  (k - α n)/((1-α) n) at q_α (docs/SPEC.md §3) -- the gradient of q_α itself flows
-  through the first term, so it must not be treated as a constant here.
+  (k - α n)/((1-α) n) at q_α (docs/SPEC.md §3) -- the gradient of q_α
+  itself flows through the first term, so it must not be treated as a
+  constant here.
   """
 
   def compute():
@@ -214,7 +215,7 @@ def superquantile(sample: Sample, *, alpha: float) -> Array:
 def _nonnegative(d: Array) -> Array:
   # q̄_α >= μ exactly, but in float32 the rounded mean of a (near-)constant
   # channel can exceed q̄_α by an ulp; a deviation is never negative.
-  return clip_value(d, 0.0, jnp.inf)
+  return clip_value(d, jnp.zeros_like(d), jnp.full_like(d, jnp.inf))
 
 
 def half_range(sample: Sample) -> Array:
@@ -226,15 +227,20 @@ def half_range(sample: Sample) -> Array:
 
 
 def mixed_superquantile(
-    sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
+  sample: Sample, *, levels: Sequence[float], weights: Sequence[float]
 ) -> Array:
-  """Σ_j λ_j (q̄_{α_j} - μ), λ_j >= 0, Σ λ_j = 1; natural statistic Σ λ_j q_{α_j}."""
-  mu = sample.mean()
-  return sum(
-      w * _nonnegative(superquantile_value(sample, a) - mu)
-      for a, w in zip(levels, weights)
-  )
+  """Σ_j λ_j (q̄_{α_j} - μ), λ_j >= 0, Σ λ_j = 1.
 
+  Natural statistic: Σ_j λ_j q_{α_j}.
+  """
+  mu = sample.mean()
+  return functools.reduce(
+    jnp.add,
+    [
+      w * _nonnegative(superquantile_value(sample, a) - mu)
+      for a, w in zip(levels, weights, strict=True)
+    ],
+  )
 
 
 def abs_superquantile(sample: Sample, *, alpha: float) -> Array:
@@ -254,15 +260,15 @@ def abs_superquantile(sample: Sample, *, alpha: float) -> Array:
     # The sample of |x - μ| (same mask, devices and precision); its q̄_α is
     # differentiated through |x - μ|, μ included.
     deviations = Sample(
-        jnp.abs(sample.x - mu),
-        sample.axes,
-        mask=sample.mask,
-        axis_name=sample.axis_name,
-        axis_index_groups=sample.axis_index_groups,
-        dtype=sample.x.dtype,
-        force_float32_reductions=False,
-        approximate=sample.approximate,
-        overflow_safe=sample.overflow_safe,
+      jnp.abs(sample.x - mu),
+      sample.axes,
+      mask=sample.mask,
+      axis_name=sample.axis_name,
+      axis_index_groups=sample.axis_index_groups,
+      dtype=sample.x.dtype,
+      force_float32_reductions=False,
+      approximate=sample.approximate,
+      overflow_safe=sample.overflow_safe,
     )
     return _nonnegative(superquantile_value(deviations, alpha))
 
@@ -278,7 +284,9 @@ def abs_superquantile(sample: Sample, *, alpha: float) -> Array:
 class OnlineStatistic:
   """Online estimate of a statistic: the trackers it reads and its value."""
 
-  needs: Callable[..., tuple]  # (**params) -> ("mu" | "extremes" | level α, ...)
+  needs: Callable[
+    ..., tuple
+  ]  # (**params) -> ("mu" | "extremes" | level α, ...)
   value: Callable[..., Array]  # (trackers, **params) -> S
 
 
@@ -301,7 +309,7 @@ def superquantile_moment(x: Array, q: Array, alpha: float) -> Array:
   q̄_α - μ at q = q_α and larger at any other q (second-order in q - q_α).
   """
   return alpha / (1.0 - alpha) * jnp.maximum(x - q, 0.0) + jnp.maximum(
-      q - x, 0.0
+    q - x, 0.0
   )
 
 
@@ -339,7 +347,7 @@ def _abs_superquantile_factor(alpha: float) -> float:
 def _lp_factor(p: float) -> float:
   # E|Z|^p = 2^(p/2) Γ((p+1)/2) / sqrt(π) for Z ~ N(0, 1).
   return (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi)) ** (
-      1.0 / p
+    1.0 / p
   )
 
 
@@ -412,228 +420,228 @@ class DeviationSpec:
 _MIXED = ("levels", "weights")
 
 STATISTIC_SPECS: dict[str, StatisticSpec] = {
-    s.name: s
-    for s in (
-        StatisticSpec(
-            "mean",
-            mean,
-            mean_based=True,
-            online=OnlineStatistic(_mean_needs, lambda t, **_: t.mu),
-            complex_ok=True,
+  s.name: s
+  for s in (
+    StatisticSpec(
+      "mean",
+      mean,
+      mean_based=True,
+      online=OnlineStatistic(_mean_needs, lambda t, **_: t.mu),
+      complex_ok=True,
+    ),
+    StatisticSpec(
+      "median",
+      median,
+      levels=lambda **_: (0.5,),
+      online=OnlineStatistic(
+        lambda **_: (0.5,), lambda t, **_: t.quantiles[0.5]
+      ),
+    ),
+    StatisticSpec(
+      "quantile",
+      quantile,
+      params=("alpha",),
+      levels=lambda *, alpha, **_: (float(alpha),),
+      online=OnlineStatistic(
+        lambda *, alpha, **_: (float(alpha),),
+        lambda t, *, alpha, **_: t.quantiles[float(alpha)],
+      ),
+    ),
+    StatisticSpec(
+      "midrange",
+      midrange,
+      online=OnlineStatistic(
+        lambda **_: ("extremes",), lambda t, **_: (t.max + t.min) / 2
+      ),
+    ),
+    StatisticSpec(
+      "mixed_quantile",
+      mixed_quantile,
+      params=_MIXED,
+      levels=lambda *, levels, **_: tuple(float(a) for a in levels),
+      online=OnlineStatistic(
+        lambda *, levels, **_: tuple(float(a) for a in levels),
+        lambda t, *, levels, weights, **_: sum(
+          w * t.quantiles[float(a)]
+          for a, w in zip(levels, weights, strict=True)
         ),
-        StatisticSpec(
-            "median",
-            median,
-            levels=lambda **_: (0.5,),
-            online=OnlineStatistic(
-                lambda **_: (0.5,), lambda t, **_: t.quantiles[0.5]
-            ),
-        ),
-        StatisticSpec(
-            "quantile",
-            quantile,
-            params=("alpha",),
-            levels=lambda *, alpha, **_: (float(alpha),),
-            online=OnlineStatistic(
-                lambda *, alpha, **_: (float(alpha),),
-                lambda t, *, alpha, **_: t.quantiles[float(alpha)],
-            ),
-        ),
-        StatisticSpec(
-            "midrange",
-            midrange,
-            online=OnlineStatistic(
-                lambda **_: ("extremes",), lambda t, **_: (t.max + t.min) / 2
-            ),
-        ),
-        StatisticSpec(
-            "mixed_quantile",
-            mixed_quantile,
-            params=_MIXED,
-            levels=lambda *, levels, **_: tuple(float(a) for a in levels),
-            online=OnlineStatistic(
-                lambda *, levels, **_: tuple(float(a) for a in levels),
-                lambda t, *, levels, weights, **_: sum(
-                    w * t.quantiles[float(a)] for a, w in zip(levels, weights)
-                ),
-            ),
-        ),
-    )
+      ),
+    ),
+  )
 }
 """Statistic name -> its record (the single source of the registries)."""
 
 DEVIATION_SPECS: dict[str, DeviationSpec] = {
-    d.name: d
-    for d in (
-        DeviationSpec(
-            "std",
-            std,
-            "mean",
-            params=("fast_variance",),
-            squared=variance,
-            gaussian_factor=lambda **_: 1.0,
-            mean_based=True,
-            online=OnlineDeviation(
-                _mean_needs, lambda x, t, **_: jnp.square(x - t.mu), _identity
-            ),
-            complex_ok=True,
+  d.name: d
+  for d in (
+    DeviationSpec(
+      "std",
+      std,
+      "mean",
+      params=("fast_variance",),
+      squared=variance,
+      gaussian_factor=lambda **_: 1.0,
+      mean_based=True,
+      online=OnlineDeviation(
+        _mean_needs, lambda x, t, **_: jnp.square(x - t.mu), _identity
+      ),
+      complex_ok=True,
+    ),
+    DeviationSpec(
+      "mean_abs",
+      mean_abs,
+      "mean",
+      gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
+      mean_based=True,
+      online=OnlineDeviation(
+        _mean_needs, lambda x, t, **_: jnp.abs(x - t.mu), _square
+      ),
+      complex_ok=True,
+    ),
+    DeviationSpec(
+      "lp",
+      lp,
+      "mean",
+      params=("p",),
+      gaussian_factor=lambda *, p, **_: _lp_factor(p),
+      mean_based=True,
+      online=OnlineDeviation(
+        _mean_needs,
+        lambda x, t, *, p, **_: jnp.abs(x - t.mu) ** p,
+        lambda m, t, *, p, **_: _safe_root(m, 2.0 / p),
+      ),
+      complex_ok=True,
+    ),
+    DeviationSpec(
+      "upper_semi",
+      upper_semi,
+      "mean",
+      gaussian_factor=lambda **_: math.sqrt(0.5),
+      mean_based=True,
+      online=OnlineDeviation(
+        _mean_needs,
+        lambda x, t, **_: jnp.square(jnp.maximum(x - t.mu, 0.0)),
+        _identity,
+      ),
+    ),
+    DeviationSpec(
+      "lower_semi",
+      lower_semi,
+      "mean",
+      gaussian_factor=lambda **_: math.sqrt(0.5),
+      mean_based=True,
+      online=OnlineDeviation(
+        _mean_needs,
+        lambda x, t, **_: jnp.square(jnp.maximum(t.mu - x, 0.0)),
+        _identity,
+      ),
+    ),
+    DeviationSpec(
+      "median_abs",
+      median_abs,
+      "median",
+      levels=lambda **_: (0.5,),
+      gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
+      online=OnlineDeviation(
+        lambda **_: (0.5,),
+        lambda x, t, **_: jnp.abs(x - t.quantiles[0.5]),
+        _square,
+      ),
+    ),
+    DeviationSpec(
+      "superquantile",
+      superquantile,
+      "quantile",
+      params=("alpha",),
+      levels=lambda *, alpha, **_: (float(alpha),),
+      gaussian_factor=lambda *, alpha, **_: _superquantile_factor(alpha),
+      online=OnlineDeviation(
+        lambda *, alpha, **_: (float(alpha),),
+        lambda x, t, *, alpha, **_: superquantile_moment(
+          x, t.quantiles[float(alpha)], float(alpha)
         ),
-        DeviationSpec(
-            "mean_abs",
-            mean_abs,
-            "mean",
-            gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
-            mean_based=True,
-            online=OnlineDeviation(
-                _mean_needs, lambda x, t, **_: jnp.abs(x - t.mu), _square
-            ),
-            complex_ok=True,
+        _square,
+      ),
+    ),
+    DeviationSpec(
+      "half_range",
+      half_range,
+      "midrange",
+      online=OnlineDeviation(
+        lambda **_: ("extremes",),
+        None,
+        lambda m, t, **_: jnp.square((t.max - t.min) / 2),
+      ),
+    ),
+    DeviationSpec(
+      "mixed_superquantile",
+      mixed_superquantile,
+      "mixed_quantile",
+      params=_MIXED,
+      levels=lambda *, levels, **_: tuple(float(a) for a in levels),
+      gaussian_factor=lambda *, levels, weights, **_: sum(
+        w * _superquantile_factor(a)
+        for a, w in zip(levels, weights, strict=True)
+      ),
+      online=OnlineDeviation(
+        lambda *, levels, **_: tuple(float(a) for a in levels),
+        lambda x, t, *, levels, weights, **_: sum(
+          w * superquantile_moment(x, t.quantiles[float(a)], float(a))
+          for a, w in zip(levels, weights, strict=True)
         ),
-        DeviationSpec(
-            "lp",
-            lp,
-            "mean",
-            params=("p",),
-            gaussian_factor=lambda *, p, **_: _lp_factor(p),
-            mean_based=True,
-            online=OnlineDeviation(
-                _mean_needs,
-                lambda x, t, *, p, **_: jnp.abs(x - t.mu) ** p,
-                lambda m, t, *, p, **_: _safe_root(m, 2.0 / p),
-            ),
-            complex_ok=True,
+        _square,
+      ),
+    ),
+    DeviationSpec(
+      "abs_superquantile",
+      abs_superquantile,
+      "mean",
+      params=("alpha",),
+      gaussian_factor=lambda *, alpha, **_: _abs_superquantile_factor(alpha),
+      # q̄_α(|X - μ|) in the Rockafellar–Uryasev form, around the
+      # tracked quantile c of |x - μ|: m = mean of c + [|x - μ| - c]_+
+      # /(1 - α), = q̄_α(|X - μ|) at c = q_α(|X - μ|).
+      online=OnlineDeviation(
+        lambda *, alpha, **_: ("mu", ("abs", float(alpha))),
+        lambda x, t, *, alpha, **_: (
+          t.abs_quantiles[float(alpha)]
+          + jnp.maximum(jnp.abs(x - t.mu) - t.abs_quantiles[float(alpha)], 0.0)
+          / (1.0 - float(alpha))
         ),
-        DeviationSpec(
-            "upper_semi",
-            upper_semi,
-            "mean",
-            gaussian_factor=lambda **_: math.sqrt(0.5),
-            mean_based=True,
-            online=OnlineDeviation(
-                _mean_needs,
-                lambda x, t, **_: jnp.square(jnp.maximum(x - t.mu, 0.0)),
-                _identity,
-            ),
-        ),
-        DeviationSpec(
-            "lower_semi",
-            lower_semi,
-            "mean",
-            gaussian_factor=lambda **_: math.sqrt(0.5),
-            mean_based=True,
-            online=OnlineDeviation(
-                _mean_needs,
-                lambda x, t, **_: jnp.square(jnp.maximum(t.mu - x, 0.0)),
-                _identity,
-            ),
-        ),
-        DeviationSpec(
-            "median_abs",
-            median_abs,
-            "median",
-            levels=lambda **_: (0.5,),
-            gaussian_factor=lambda **_: math.sqrt(2 / math.pi),
-            online=OnlineDeviation(
-                lambda **_: (0.5,),
-                lambda x, t, **_: jnp.abs(x - t.quantiles[0.5]),
-                _square,
-            ),
-        ),
-        DeviationSpec(
-            "superquantile",
-            superquantile,
-            "quantile",
-            params=("alpha",),
-            levels=lambda *, alpha, **_: (float(alpha),),
-            gaussian_factor=lambda *, alpha, **_: _superquantile_factor(alpha),
-            online=OnlineDeviation(
-                lambda *, alpha, **_: (float(alpha),),
-                lambda x, t, *, alpha, **_: superquantile_moment(
-                    x, t.quantiles[float(alpha)], float(alpha)
-                ),
-                _square,
-            ),
-        ),
-        DeviationSpec(
-            "half_range",
-            half_range,
-            "midrange",
-            online=OnlineDeviation(
-                lambda **_: ("extremes",),
-                None,
-                lambda m, t, **_: jnp.square((t.max - t.min) / 2),
-            ),
-        ),
-        DeviationSpec(
-            "mixed_superquantile",
-            mixed_superquantile,
-            "mixed_quantile",
-            params=_MIXED,
-            levels=lambda *, levels, **_: tuple(float(a) for a in levels),
-            gaussian_factor=lambda *, levels, weights, **_: sum(
-                w * _superquantile_factor(a) for a, w in zip(levels, weights)
-            ),
-            online=OnlineDeviation(
-                lambda *, levels, **_: tuple(float(a) for a in levels),
-                lambda x, t, *, levels, weights, **_: sum(
-                    w * superquantile_moment(x, t.quantiles[float(a)], float(a))
-                    for a, w in zip(levels, weights)
-                ),
-                _square,
-            ),
-        ),
-        DeviationSpec(
-            "abs_superquantile",
-            abs_superquantile,
-            "mean",
-            params=("alpha",),
-            gaussian_factor=lambda *, alpha, **_: _abs_superquantile_factor(
-                alpha
-            ),
-            # q̄_α(|X - μ|) in the Rockafellar–Uryasev form, around the
-            # tracked quantile c of |x - μ|: m = mean of c + [|x - μ| - c]_+
-            # /(1 - α), = q̄_α(|X - μ|) at c = q_α(|X - μ|).
-            online=OnlineDeviation(
-                lambda *, alpha, **_: ("mu", ("abs", float(alpha))),
-                lambda x, t, *, alpha, **_: t.abs_quantiles[float(alpha)]
-                + jnp.maximum(
-                    jnp.abs(x - t.mu) - t.abs_quantiles[float(alpha)], 0.0
-                )
-                / (1.0 - float(alpha)),
-                _square,
-            ),
-        ),
-    )
+        _square,
+      ),
+    ),
+  )
 }
 """Deviation name -> its record (the single source of the registries)."""
 
 # -- Views of the records (the public registries). --------------------------
 
 STATISTICS: dict[str, Callable[..., Array]] = {
-    n: s.fn for n, s in STATISTIC_SPECS.items()
+  n: s.fn for n, s in STATISTIC_SPECS.items()
 }
 """Statistic name -> pure function ``f(sample, **params) -> per-channel S``."""
 
 DEVIATIONS: dict[str, Callable[..., Array]] = {
-    n: d.fn for n, d in DEVIATION_SPECS.items()
+  n: d.fn for n, d in DEVIATION_SPECS.items()
 }
 """Deviation name -> pure function ``f(sample, **params) -> per-channel D``."""
 
 NATURAL_STATISTIC: dict[str, str] = {
-    n: d.natural_statistic for n, d in DEVIATION_SPECS.items()
+  n: d.natural_statistic for n, d in DEVIATION_SPECS.items()
 }
 """Deviation name -> name of its natural statistic (the argmin of its error)."""
 
 SQUARED_DEVIATIONS: dict[str, Callable[..., Array]] = {
-    n: d.squared for n, d in DEVIATION_SPECS.items() if d.squared is not None
+  n: d.squared for n, d in DEVIATION_SPECS.items() if d.squared is not None
 }
 """Deviations whose square has a form of its own (used for D^2 directly)."""
 
 MEAN_BASED_STATISTICS = frozenset(
-    n for n, s in STATISTIC_SPECS.items() if s.mean_based
+  n for n, s in STATISTIC_SPECS.items() if s.mean_based
 )
 MEAN_BASED_DEVIATIONS = frozenset(
-    n for n, d in DEVIATION_SPECS.items() if d.mean_based
+  n for n, d in DEVIATION_SPECS.items() if d.mean_based
 )
 """Measures built from sums of powers of x - μ: accurate only while those
 sums fit in float32 (docs/GUARANTEES.md), so a configuration made only of
@@ -641,12 +649,12 @@ them sums then divides (``Sample(overflow_safe=False)``; μ stays safe)."""
 
 
 def gaussian_consistency_factor(
-    deviation: str,
-    *,
-    alpha: float | None = None,
-    p: float | None = None,
-    levels: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None,
+  deviation: str,
+  *,
+  alpha: float | None = None,
+  p: float | None = None,
+  levels: Sequence[float] | None = None,
+  weights: Sequence[float] | None = None,
 ) -> float:
   """The constant c with c * D(X) = σ for X ~ N(μ, σ^2) (docs/SPEC.md §2).
 
@@ -660,11 +668,11 @@ def gaussian_consistency_factor(
   spec = DEVIATION_SPECS.get(deviation)
   if spec is None or spec.gaussian_factor is None:
     valid = sorted(
-        n for n, d in DEVIATION_SPECS.items() if d.gaussian_factor is not None
+      n for n, d in DEVIATION_SPECS.items() if d.gaussian_factor is not None
     )
     raise ValueError(
-        f"gaussian_consistent=True has no constant for deviation {deviation!r}"
-        f" (its value on normal data depends on n); it is defined for {valid}"
+      f"gaussian_consistent=True has no constant for deviation {deviation!r}"
+      f" (its value on normal data depends on n); it is defined for {valid}"
     )
   params = dict(alpha=alpha, p=p, levels=levels, weights=weights)
   return 1.0 / spec.gaussian_factor(**params)

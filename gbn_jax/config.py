@@ -48,12 +48,13 @@ def _concrete(value, name: str):
   """A 0-d NumPy/JAX array as a Python scalar; a traced value is an error."""
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f"{name} must be a concrete value, not a traced one; pass it as a"
-        " static argument (it configures the computation)"
+      f"{name} must be a concrete value, not a traced one; pass it as a"
+      " static argument (it configures the computation)"
     )
-  if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(
-      value
-  ) == 0:
+  if (
+    isinstance(value, (np.ndarray, np.generic, jax.Array))
+    and np.ndim(value) == 0
+  ):
     return value.item()
   return value
 
@@ -73,8 +74,12 @@ def check_bool(value, name: str, *, allow_int: bool = False) -> bool:
   value = _concrete(value, name)
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
-  if (allow_int and isinstance(value, numbers.Integral)
-      and not isinstance(raw, str) and value in (0, 1)):
+  if (
+    allow_int
+    and isinstance(value, numbers.Integral)
+    and not isinstance(raw, str)
+    and value in (0, 1)
+  ):
     return bool(value)
   raise ValueError(f"{name} must be True or False; got {raw!r}")
 
@@ -85,7 +90,7 @@ def check_level(value, name: str = "alpha") -> float:
   value = _concrete(value, name)
   if not _is_real(value) or not (0.0 < float(value) < 1.0):
     raise ValueError(
-        f"{name} must be a number in the open interval (0, 1); got {raw!r}"
+      f"{name} must be a number in the open interval (0, 1); got {raw!r}"
     )
   return float(value)
 
@@ -116,16 +121,16 @@ def check_momentum(value, mode: str = "batch") -> float:
   value = _concrete(value, "momentum")
   top_ok = mode != "online"
   if (
-      not _is_real(value)
-      or not math.isfinite(value)
-      or not (0.0 <= value <= 1.0)
-      or (value == 1.0 and not top_ok)
+    not _is_real(value)
+    or not math.isfinite(value)
+    or not (0.0 <= value <= 1.0)
+    or (value == 1.0 and not top_ok)
   ):
     if top_ok:
       raise ValueError(f"momentum must be a number in [0, 1]; got {raw!r}")
     raise ValueError(
-        "online mode needs momentum in [0, 1) (the weight of the past);"
-        f" got {raw!r}"
+      "online mode needs momentum in [0, 1) (the weight of the past);"
+      f" got {raw!r}"
     )
   return float(value)
 
@@ -140,8 +145,8 @@ def check_dtype(value, name: str = "dtype"):
     dt = None
   if dt is None or not jnp.issubdtype(dt, jnp.inexact):
     raise ValueError(
-        f"{name} must be None or a floating-point dtype (e.g. jnp.float32,"
-        f" jnp.bfloat16, jnp.float16); got {value!r}"
+      f"{name} must be None or a floating-point dtype (e.g. jnp.float32,"
+      f" jnp.bfloat16, jnp.float16); got {value!r}"
     )
   return dt
 
@@ -150,32 +155,37 @@ def check_mode(mode) -> str:
   """``mode`` if it is one of :data:`MODES`, else ``ValueError`` naming them."""
   if not isinstance(mode, str) or mode not in MODES:
     raise ValueError(
-        f"unknown mode {mode!r}; valid choices: {', '.join(map(repr, MODES))}"
+      f"unknown mode {mode!r}; valid choices: {', '.join(map(repr, MODES))}"
     )
   return mode
 
 
-def check_mixture(levels, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_mixture(
+  levels, weights
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Levels α_j in (0, 1) and weights λ_j >= 0 summing to 1 (None: equal)."""
-  if levels is None or isinstance(levels, (str, bytes)) or not isinstance(
-      levels, Sequence
-  ) or len(levels) == 0:
+  if (
+    levels is None
+    or isinstance(levels, (str, bytes))
+    or not isinstance(levels, Sequence)
+    or len(levels) == 0
+  ):
     raise ValueError(
-        "the mixed superquantile needs levels=(α_1, ..., α_m), a non-empty"
-        f" sequence of numbers in (0, 1); got levels={levels!r}"
+      "the mixed superquantile needs levels=(α_1, ..., α_m), a non-empty"
+      f" sequence of numbers in (0, 1); got levels={levels!r}"
     )
   levels = tuple(check_level(a, f"levels[{i}]") for i, a in enumerate(levels))
   if weights is None:
     weights = (1.0 / len(levels),) * len(levels)
   if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
     raise ValueError(
-        f"weights must be a sequence of {len(levels)} numbers >= 0 summing to"
-        f" 1; got weights={weights!r}"
+      f"weights must be a sequence of {len(levels)} numbers >= 0 summing to"
+      f" 1; got weights={weights!r}"
     )
   if len(weights) != len(levels):
     raise ValueError(
-        f"weights must have one entry per level: {len(levels)} levels"
-        f" {levels} but {len(weights)} weights {tuple(weights)}"
+      f"weights must have one entry per level: {len(levels)} levels"
+      f" {levels} but {len(weights)} weights {tuple(weights)}"
     )
   out = []
   for i, w in enumerate(weights):
@@ -185,7 +195,7 @@ def check_mixture(levels, weights) -> tuple[tuple[float, ...], tuple[float, ...]
     out.append(float(w))
   if abs(sum(out) - 1.0) > 1e-6:
     raise ValueError(
-        f"weights must sum to 1; got {tuple(out)} (sum {sum(out)!r})"
+      f"weights must sum to 1; got {tuple(out)} (sum {sum(out)!r})"
     )
   return levels, tuple(out)
 
@@ -217,11 +227,11 @@ class Measures:
   def _key(self):
     # The functions follow from the names; parameters are numbers or tuples.
     return (
-        self.statistic,
-        self.deviation,
-        tuple(sorted(self.statistic_kwargs.items())),
-        tuple(sorted(self.deviation_kwargs.items())),
-        self.scale,
+      self.statistic,
+      self.deviation,
+      tuple(sorted(self.statistic_kwargs.items())),
+      tuple(sorted(self.deviation_kwargs.items())),
+      self.scale,
     )
 
   def __eq__(self, other):
@@ -249,7 +259,7 @@ class Measures:
     mean itself is always overflow-safe).
     """
     return not (
-        self.statistic_spec.mean_based and self.deviation_spec.mean_based
+      self.statistic_spec.mean_based and self.deviation_spec.mean_based
     )
 
   @property
@@ -278,12 +288,12 @@ class Measures:
   def selected_levels(self) -> tuple[float, ...]:
     """The quantile levels of x that S and D select (in a fixed order)."""
     levels = self.statistic_spec.levels(
-        **self.statistic_kwargs
+      **self.statistic_kwargs
     ) + self.deviation_spec.levels(**self.deviation_kwargs)
     return tuple(dict.fromkeys(float(a) for a in levels))
 
   def quantile_guesses(
-      self, center: Array, dev_sq: Array
+    self, center: Array, dev_sq: Array
   ) -> tuple[dict[float, Array], Array]:
     """Guesses of every selected quantile from previous (S, D^2) (warm start).
 
@@ -296,14 +306,16 @@ class Measures:
     factor = self.deviation_spec.gaussian_factor
     sigma = jnp.sqrt(jnp.maximum(dev_sq, 0.0)) / self.scale
     if factor is not None:
-      params = {**dict(alpha=None, p=None, levels=None, weights=None),
-                **self.deviation_kwargs}
+      params = {
+        **dict(alpha=None, p=None, levels=None, weights=None),
+        **self.deviation_kwargs,
+      }
       sigma = sigma / factor(**params)
     own = self.statistic_spec.levels(**self.statistic_kwargs)
     base = _NORMAL.inv_cdf(own[0]) if len(own) == 1 else 0.0
     guesses = {
-        a: center + sigma * (_NORMAL.inv_cdf(a) - base)
-        for a in self.selected_levels()
+      a: center + sigma * (_NORMAL.inv_cdf(a) - base)
+      for a in self.selected_levels()
     }
     return guesses, sigma
 
@@ -320,15 +332,15 @@ def _kwargs_for(params: tuple[str, ...], available: dict) -> dict:
 
 
 def make_measures(
-    statistic: str | None = None,
-    deviation: str = "superquantile",
-    *,
-    alpha: float | None = 0.5,
-    p: float = 2.0,
-    levels: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None,
-    gaussian_consistent: bool = False,
-    use_fast_variance: bool = False,
+  statistic: str | None = None,
+  deviation: str = "superquantile",
+  *,
+  alpha: float | None = 0.5,
+  p: float = 2.0,
+  levels: Sequence[float] | None = None,
+  weights: Sequence[float] | None = None,
+  gaussian_consistent: bool = False,
+  use_fast_variance: bool = False,
 ) -> Measures:
   """Validates a configuration and resolves names to catalogue records.
 
@@ -341,19 +353,18 @@ def make_measures(
   specs = catalogue.DEVIATION_SPECS
   if not isinstance(deviation, str) or deviation not in specs:
     raise ValueError(
-        f"unknown deviation {deviation!r}; valid choices: {_names(specs)}"
+      f"unknown deviation {deviation!r}; valid choices: {_names(specs)}"
     )
   dev_spec = specs[deviation]
   if statistic is None:
     statistic = dev_spec.natural_statistic
   if (
-      not isinstance(statistic, str)
-      or statistic not in catalogue.STATISTIC_SPECS
+    not isinstance(statistic, str) or statistic not in catalogue.STATISTIC_SPECS
   ):
     raise ValueError(
-        f"unknown statistic {statistic!r}; valid choices:"
-        f" {_names(catalogue.STATISTIC_SPECS)} (or None for the deviation's"
-        " natural statistic)"
+      f"unknown statistic {statistic!r}; valid choices:"
+      f" {_names(catalogue.STATISTIC_SPECS)} (or None for the deviation's"
+      " natural statistic)"
     )
   stat_spec = catalogue.STATISTIC_SPECS[statistic]
   raw = dict(alpha=alpha, p=p, levels=levels, weights=weights)
@@ -362,8 +373,8 @@ def make_measures(
   for spec, kind in ((stat_spec, "statistic"), (dev_spec, "deviation")):
     if "alpha" in spec.params and alpha is None:
       raise ValueError(
-          f"{kind} {spec.name!r} needs alpha, a number in the open interval"
-          " (0, 1); got alpha=None"
+        f"{kind} {spec.name!r} needs alpha, a number in the open interval"
+        " (0, 1); got alpha=None"
       )
   p = check_p(p)
   uses = set(stat_spec.params) | set(dev_spec.params)
@@ -373,33 +384,33 @@ def make_measures(
   use_fast_variance = check_bool(use_fast_variance, "use_fast_variance")
   given = dict(alpha=alpha, p=p, levels=levels, weights=weights)
   unused = [
-      f"{k}={v!r}"
-      for k, v in raw.items()
-      if k not in uses and v is not None and _differs(v, _DEFAULTS[k])
+    f"{k}={v!r}"
+    for k, v in raw.items()
+    if k not in uses and v is not None and _differs(v, _DEFAULTS[k])
   ]
   if unused:
     warnings.warn(
-        f"{', '.join(unused)} is not used by statistic {statistic!r} with"
-        f" deviation {deviation!r} (it is ignored); parameters are read by:"
-        " alpha -- quantile, superquantile, abs_superquantile; p -- lp;"
-        " levels/weights -- mixed_quantile, mixed_superquantile",
-        UserWarning,
-        stacklevel=3,
+      f"{', '.join(unused)} is not used by statistic {statistic!r} with"
+      f" deviation {deviation!r} (it is ignored); parameters are read by:"
+      " alpha -- quantile, superquantile, abs_superquantile; p -- lp;"
+      " levels/weights -- mixed_quantile, mixed_superquantile",
+      UserWarning,
+      stacklevel=3,
     )
   available = dict(given, fast_variance=use_fast_variance)
   scale = 1.0
   if gaussian_consistent:
     scale = catalogue.gaussian_consistency_factor(
-        deviation, alpha=alpha, p=p, levels=levels, weights=weights
+      deviation, alpha=alpha, p=p, levels=levels, weights=weights
     )
   return Measures(
-      statistic=statistic,
-      deviation=deviation,
-      statistic_fn=stat_spec.fn,
-      deviation_fn=dev_spec.fn,
-      statistic_kwargs=_kwargs_for(stat_spec.params, available),
-      deviation_kwargs=_kwargs_for(dev_spec.params, available),
-      scale=scale,
+    statistic=statistic,
+    deviation=deviation,
+    statistic_fn=stat_spec.fn,
+    deviation_fn=dev_spec.fn,
+    statistic_kwargs=_kwargs_for(stat_spec.params, available),
+    deviation_kwargs=_kwargs_for(dev_spec.params, available),
+    scale=scale,
   )
 
 
@@ -437,27 +448,27 @@ class LayerConfig:
 
 
 def layer_config(
-    *,
-    statistic=None,
-    deviation="superquantile",
-    alpha=0.5,
-    p=2.0,
-    levels=None,
-    weights=None,
-    gaussian_consistent=False,
-    use_fast_variance=True,
-    mode="batch",
-    momentum=0.99,
-    epsilon=1e-5,
-    dtype=None,
-    param_dtype=jnp.float32,
-    force_float32_reductions=True,
-    approximate=False,
-    axis_name=None,
-    axis_index_groups=None,
-    flags: dict | None = None,
-    initializers: dict | None = None,
-    warm_start=True,
+  *,
+  statistic=None,
+  deviation="superquantile",
+  alpha=0.5,
+  p=2.0,
+  levels=None,
+  weights=None,
+  gaussian_consistent=False,
+  use_fast_variance=True,
+  mode="batch",
+  momentum=0.99,
+  epsilon=1e-5,
+  dtype=None,
+  param_dtype=jnp.float32,
+  force_float32_reductions=True,
+  approximate=False,
+  axis_name=None,
+  axis_index_groups=None,
+  flags: dict | None = None,
+  initializers: dict | None = None,
+  warm_start=True,
 ) -> LayerConfig:
   """Checks every field of a layer and returns its :class:`LayerConfig`.
 
@@ -468,27 +479,44 @@ def layer_config(
   """
   check_axis_index_groups(axis_name, axis_index_groups)  # the user's value
   concrete = {
-      "alpha": alpha, "p": p, "momentum": momentum, "epsilon": epsilon,
+    "alpha": alpha,
+    "p": p,
+    "momentum": momentum,
+    "epsilon": epsilon,
   }
   concrete = {
-      k: (None if v is None else _concrete(v, k)) for k, v in concrete.items()
+    k: (None if v is None else _concrete(v, k)) for k, v in concrete.items()
   }
   flags = {
-      k: (v if v is None else check_bool(
-          v, k, allow_int=k == "use_running_average"))
-      for k, v in (flags or {}).items()
+    k: (
+      v if v is None else check_bool(v, k, allow_int=k == "use_running_average")
+    )
+    for k, v in (flags or {}).items()
   }
   for name, init in (initializers or {}).items():
     if not callable(init):
       raise ValueError(
-          f"{name} must be an initializer, f(key, shape, dtype); got {init!r}"
+        f"{name} must be an initializer, f(key, shape, dtype); got {init!r}"
       )
   args = (
-      statistic, deviation, concrete["alpha"], concrete["p"], hashable(levels),
-      hashable(weights), gaussian_consistent, use_fast_variance, mode,
-      concrete["momentum"], concrete["epsilon"], dtype, param_dtype,
-      force_float32_reductions, approximate, hashable(axis_name),
-      hashable(axis_index_groups), warm_start,
+    statistic,
+    deviation,
+    concrete["alpha"],
+    concrete["p"],
+    hashable(levels),
+    hashable(weights),
+    gaussian_consistent,
+    use_fast_variance,
+    mode,
+    concrete["momentum"],
+    concrete["epsilon"],
+    dtype,
+    param_dtype,
+    force_float32_reductions,
+    approximate,
+    hashable(axis_name),
+    hashable(axis_index_groups),
+    warm_start,
   )
   try:
     hash(args)
@@ -498,21 +526,35 @@ def layer_config(
 
 
 def _layer_config(
-    statistic, deviation, alpha, p, levels, weights, gaussian_consistent,
-    use_fast_variance, mode, momentum, epsilon, dtype, param_dtype,
-    force_float32_reductions, approximate, axis_name, axis_index_groups,
-    warm_start,
+  statistic,
+  deviation,
+  alpha,
+  p,
+  levels,
+  weights,
+  gaussian_consistent,
+  use_fast_variance,
+  mode,
+  momentum,
+  epsilon,
+  dtype,
+  param_dtype,
+  force_float32_reductions,
+  approximate,
+  axis_name,
+  axis_index_groups,
+  warm_start,
 ) -> LayerConfig:
   mode = check_mode(mode)
   measures = make_measures(
-      statistic,
-      deviation,
-      alpha=alpha,
-      p=p,
-      levels=levels,
-      weights=weights,
-      gaussian_consistent=gaussian_consistent,
-      use_fast_variance=use_fast_variance,
+    statistic,
+    deviation,
+    alpha=alpha,
+    p=p,
+    levels=levels,
+    weights=weights,
+    gaussian_consistent=gaussian_consistent,
+    use_fast_variance=use_fast_variance,
   )
   if mode == "online":
     from gbn_jax import online  # noqa: PLC0415  (online imports this module)
@@ -525,18 +567,18 @@ def _layer_config(
     raise ValueError("param_dtype must be a floating-point dtype; got None")
   check_axis_index_groups(axis_name, axis_index_groups)
   return LayerConfig(
-      measures=measures,
-      mode=mode,
-      momentum=momentum,
-      epsilon=epsilon,
-      dtype=dtype,
-      force_float32_reductions=check_bool(
-          force_float32_reductions, "force_float32_reductions"
-      ),
-      approximate=check_bool(approximate, "approximate"),
-      axis_name=hashable(axis_name),
-      axis_index_groups=hashable(axis_index_groups),
-      warm_start=check_bool(warm_start, "warm_start"),
+    measures=measures,
+    mode=mode,
+    momentum=momentum,
+    epsilon=epsilon,
+    dtype=dtype,
+    force_float32_reductions=check_bool(
+      force_float32_reductions, "force_float32_reductions"
+    ),
+    approximate=check_bool(approximate, "approximate"),
+    axis_name=hashable(axis_name),
+    axis_index_groups=hashable(axis_index_groups),
+    warm_start=check_bool(warm_start, "warm_start"),
   )
 
 

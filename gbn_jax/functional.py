@@ -1,4 +1,5 @@
-"""The functional core: ``batch_statistics``, ``sample_statistics``, ``normalize``.
+"""The functional core: ``batch_statistics``, ``sample_statistics``,
+``normalize``.
 
 Pure functions of arrays and static settings; importing jax only, so they can
 be called inside any ``jit``/``vmap``/``pmap``/``shard_map`` code. The checks
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,23 +19,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from gbn_jax.config import (  # noqa: F401  (re-exported: the public checks)
-    MODES,
-    Measures,
-    check_bool,
-    check_dtype,
-    check_epsilon,
-    check_level,
-    check_mixture,
-    check_mode,
-    check_p,
-    hashable,
-    make_measures,
+  MODES,
+  Measures,
+  check_bool,
+  check_dtype,
+  check_epsilon,
+  check_level,
+  check_mixture,
+  check_mode,
+  check_p,
+  hashable,
+  make_measures,
 )
 from gbn_jax.sample import (
-    Sample,
-    canonicalize_axes,
-    check_axis_index_groups,
-    check_floating_input,
+  Sample,
+  canonicalize_axes,
+  check_axis_index_groups,
+  check_floating_input,
 )
 
 _hashable = hashable  # the tests' historical name
@@ -43,24 +44,24 @@ Array = jax.Array
 
 
 def batch_statistics(
-    x: Array,
-    *,
-    axes: int | Sequence[int],
-    statistic: str | None = None,
-    deviation: str = "superquantile",
-    alpha: float | None = 0.5,
-    p: float = 2.0,
-    levels: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None,
-    gaussian_consistent: bool = False,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = False,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
-    approximate: bool = False,
-    guess: tuple[Array, Array] | None = None,
+  x: Array,
+  *,
+  axes: int | Sequence[int],
+  statistic: str | None = None,
+  deviation: str = "superquantile",
+  alpha: float | None = 0.5,
+  p: float = 2.0,
+  levels: Sequence[float] | None = None,
+  weights: Sequence[float] | None = None,
+  gaussian_consistent: bool = False,
+  mask: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  use_fast_variance: bool = False,
+  dtype: Any = None,
+  force_float32_reductions: bool = True,
+  approximate: bool = False,
+  guess: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
   """Per-channel centering S(x) and deviation D(x) over ``axes``.
 
@@ -76,17 +77,20 @@ def batch_statistics(
     deviation: a name in :data:`gbn_jax.DEVIATIONS`.
     alpha: level of ``quantile`` / ``superquantile``, in (0, 1).
     p: exponent of the ``lp`` deviation, >= 1.
-    levels, weights: levels α_j and weights λ_j (default equal) of the
-      ``mixed_superquantile`` deviation / ``mixed_quantile`` statistic.
+    levels: levels α_j of the ``mixed_superquantile`` deviation /
+      ``mixed_quantile`` statistic.
+    weights: their weights λ_j (default equal).
     gaussian_consistent: scale D so that it equals σ on normal data.
     mask: boolean array broadcastable to ``x``; True marks values that count.
-    axis_name, axis_index_groups: pool the sample across devices (pmap /
+    axis_name: pool the sample across the devices of this named axis (pmap /
       shard_map); not needed under ``jit`` with a sharded batch.
+    axis_index_groups: groups of that axis, as in ``lax.psum``.
     use_fast_variance: ``std`` as max(0, E[x²] - μ²) in one pass, as Flax.
       Off by default here: in float32 that form loses the variance to
       cancellation when |μ| >> σ (a constant channel can get D > 0).
       ``GeneralizedBatchNorm`` keeps Flax's default (True) for parity.
-    dtype, force_float32_reductions: reduction precision, as in Flax.
+    dtype: the reduction precision (None: the input's), as in Flax.
+    force_float32_reductions: reduce half-precision input in float32.
     approximate: quantiles from a strided subsample (faster, not exact; the
       superquantile is then evaluated exactly at that point). Off by default.
     guess: optional ``(center, dev_sq)``, per-channel estimates of S and D²
@@ -102,45 +106,45 @@ def batch_statistics(
     reduction dtype (float32 for half-precision input).
   """
   measures = make_measures(
-      statistic,
-      deviation,
-      alpha=alpha,
-      p=p,
-      levels=levels,
-      weights=weights,
-      gaussian_consistent=gaussian_consistent,
-      use_fast_variance=use_fast_variance,
+    statistic,
+    deviation,
+    alpha=alpha,
+    p=p,
+    levels=levels,
+    weights=weights,
+    gaussian_consistent=gaussian_consistent,
+    use_fast_variance=use_fast_variance,
   )
   check_dtype(dtype)
   check_bool(force_float32_reductions, "force_float32_reductions")
   check_bool(approximate, "approximate")
   return sample_statistics(
-      measures,
-      x,
-      axes=axes,
-      mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      dtype=dtype,
-      force_float32_reductions=force_float32_reductions,
-      approximate=approximate,
-      guess=guess,
+    measures,
+    x,
+    axes=axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    dtype=dtype,
+    force_float32_reductions=force_float32_reductions,
+    approximate=approximate,
+    guess=guess,
   )
 
 
 def sample_statistics(
-    measures: Measures,
-    x: Array,
-    *,
-    axes,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
-    approximate: bool = False,
-    squared: bool = False,
-    guess: tuple[Array, Array] | None = None,
+  measures: Measures,
+  x: Array,
+  *,
+  axes,
+  mask: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  dtype: Any = None,
+  force_float32_reductions: bool = True,
+  approximate: bool = False,
+  squared: bool = False,
+  guess: tuple[Array, Array] | None = None,
 ) -> tuple[Array, Array]:
   """``measures`` of the :class:`Sample` of ``x``: (S, D), or (S, D²) if
   ``squared`` (what the normalization uses; see ``Measures.center_and_dev_sq``).
@@ -154,49 +158,70 @@ def sample_statistics(
   check_axis_index_groups(axis_name, axis_index_groups)
   if is_complex_input(measures, x):
     return complex_statistics(
-        measures, jnp.asarray(x), canonicalize_axes(jnp.ndim(x), axes),
-        mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        squared=squared,
+      measures,
+      jnp.asarray(x),
+      canonicalize_axes(jnp.ndim(x), axes),
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      squared=squared,
     )
   check_floating_input(x)
   if guess is not None:
     guess = _check_guess(guess, x, axes)
   return _sample_statistics_jit(
-      jnp.asarray(x),
-      None if mask is None else jnp.asarray(mask),
-      guess,
-      measures=measures,
-      axes=_hashable(axes),
-      axis_name=_hashable(axis_name),
-      axis_index_groups=_hashable(axis_index_groups),
-      dtype=dtype,
-      force_float32_reductions=force_float32_reductions,
-      approximate=approximate,
-      squared=squared,
+    jnp.asarray(x),
+    None if mask is None else jnp.asarray(mask),
+    guess,
+    measures=measures,
+    axes=_hashable(axes),
+    axis_name=_hashable(axis_name),
+    axis_index_groups=_hashable(axis_index_groups),
+    dtype=dtype,
+    force_float32_reductions=force_float32_reductions,
+    approximate=approximate,
+    squared=squared,
   )
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "measures", "axes", "axis_name", "axis_index_groups", "dtype",
-        "force_float32_reductions", "approximate", "squared",
-    ),
+  jax.jit,
+  static_argnames=(
+    "measures",
+    "axes",
+    "axis_name",
+    "axis_index_groups",
+    "dtype",
+    "force_float32_reductions",
+    "approximate",
+    "squared",
+  ),
 )
-def _sample_statistics_jit(x, mask, guess, *, measures, axes, axis_name,
-                           axis_index_groups, dtype, force_float32_reductions,
-                           approximate, squared):
+def _sample_statistics_jit(
+  x,
+  mask,
+  guess,
+  *,
+  measures,
+  axes,
+  axis_name,
+  axis_index_groups,
+  dtype,
+  force_float32_reductions,
+  approximate,
+  squared,
+):
   sample = make_sample(
-      measures,
-      x,
-      axes,
-      mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      dtype=dtype,
-      force_float32_reductions=force_float32_reductions,
-      approximate=approximate,
-      guess=guess,
+    measures,
+    x,
+    axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    dtype=dtype,
+    force_float32_reductions=force_float32_reductions,
+    approximate=approximate,
+    guess=guess,
   )
   return measures.center_and_dev_sq(sample) if squared else measures(sample)
 
@@ -208,24 +233,24 @@ def is_complex_input(measures: Measures, x) -> bool:
     return False
   if not measures.complex_ok:
     raise TypeError(
-        f"complex input needs a configuration defined on complex numbers:"
-        " statistic 'mean' with deviation 'std', 'mean_abs' or 'lp' (the"
-        " deviations of |x - μ|, as nn.BatchNorm); statistic"
-        f" {measures.statistic!r} with deviation {measures.deviation!r} needs"
-        " an ordering of the values, and complex numbers have none"
+      f"complex input needs a configuration defined on complex numbers:"
+      " statistic 'mean' with deviation 'std', 'mean_abs' or 'lp' (the"
+      " deviations of |x - μ|, as nn.BatchNorm); statistic"
+      f" {measures.statistic!r} with deviation {measures.deviation!r} needs"
+      " an ordering of the values, and complex numbers have none"
     )
   return True
 
 
 def complex_statistics(
-    measures: Measures,
-    x: Array,
-    axes: tuple[int, ...],
-    *,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    squared: bool = False,
+  measures: Measures,
+  x: Array,
+  axes: tuple[int, ...],
+  *,
+  mask: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  squared: bool = False,
 ) -> tuple[Array, Array]:
   """(S, D) or (S, D²) of complex ``x``: S = μ (complex), D from |x - μ|.
 
@@ -240,12 +265,17 @@ def complex_statistics(
 
   def average(v):
     total = jnp.sum(v, axes, where=mask)
-    count = (jnp.sum(mask, axes, dtype=jnp.float32) if mask is not None
-             else jnp.full(total.shape, math.prod(x.shape[a] for a in axes),
-                           jnp.float32))
+    count = (
+      jnp.sum(mask, axes, dtype=jnp.float32)
+      if mask is not None
+      else jnp.full(
+        total.shape, math.prod(x.shape[a] for a in axes), jnp.float32
+      )
+    )
     if axis_name is not None:
-      total, count = lax.psum((total, count), axis_name,
-                              axis_index_groups=axis_index_groups)
+      total, count = lax.psum(
+        (total, count), axis_name, axis_index_groups=axis_index_groups
+      )
     return total / jnp.maximum(count, 1).astype(total.real.dtype)
 
   mu = average(x)
@@ -253,8 +283,9 @@ def complex_statistics(
   kwargs = measures.deviation_kwargs
   if measures.deviation == "std":
     if kwargs.get("fast_variance"):
-      dev_sq = jnp.maximum(0.0, average(jnp.square(jnp.abs(x)))
-                           - jnp.square(jnp.abs(mu)))
+      dev_sq = jnp.maximum(
+        0.0, average(jnp.square(jnp.abs(x))) - jnp.square(jnp.abs(mu))
+      )
     else:
       dev_sq = average(jnp.square(dist))
     dev = jnp.sqrt(dev_sq)
@@ -277,17 +308,17 @@ def _check_guess(guess, x, axes) -> tuple[Array, Array]:
   channel_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
   if not isinstance(guess, (tuple, list)) or len(guess) != 2:
     raise ValueError(
-        "guess must be a pair (center, dev_sq) of per-channel arrays of shape"
-        f" {channel_shape}; got {guess!r}"
+      "guess must be a pair (center, dev_sq) of per-channel arrays of shape"
+      f" {channel_shape}; got {guess!r}"
     )
   out = []
-  for name, v in zip(("center", "dev_sq"), guess):
+  for name, v in zip(("center", "dev_sq"), guess, strict=True):
     v = jnp.asarray(v)
     if v.shape != channel_shape or not jnp.issubdtype(v.dtype, jnp.floating):
       raise ValueError(
-          f"guess {name} must be a floating-point array of shape"
-          f" {channel_shape} (x's shape without axes {axes}); got"
-          f" {v.dtype}{list(v.shape)}"
+        f"guess {name} must be a floating-point array of shape"
+        f" {channel_shape} (x's shape without axes {axes}); got"
+        f" {v.dtype}{list(v.shape)}"
       )
     out.append(lax.stop_gradient(v.astype(jnp.float32)))
   return out[0], out[1]
@@ -300,12 +331,12 @@ def _sample_takes_guess() -> bool:
 
 
 def make_sample(
-    measures: Measures,
-    x: Array,
-    axes,
-    *,
-    guess: tuple[Array, Array] | None = None,
-    **sample_kwargs,
+  measures: Measures,
+  x: Array,
+  axes,
+  *,
+  guess: tuple[Array, Array] | None = None,
+  **sample_kwargs,
 ) -> Sample:
   """The :class:`Sample` the ``measures`` are computed on (its averaging
   form chosen by the configuration), warm-started from ``guess`` =
@@ -314,22 +345,22 @@ def make_sample(
   if guess is not None and levels and _sample_takes_guess():
     quantile_guess, spread = measures.quantile_guesses(*guess)
     sample_kwargs.update(quantile_guess=quantile_guess, spread_guess=spread)
-  return Sample(
-      x, axes, overflow_safe=measures.overflow_safe, **sample_kwargs
-  )
+  return Sample(x, axes, overflow_safe=measures.overflow_safe, **sample_kwargs)
 
 
 def normalize(
-    x: Array,
-    center: Array,
-    dev_sq: Array,
-    *,
-    axes: int | Sequence[int],
-    epsilon: float = 1e-5,
-    scale: Array | None = None,
-    bias: Array | None = None,
+  x: Array,
+  center: Array,
+  dev_sq: Array,
+  *,
+  axes: int | Sequence[int],
+  epsilon: float = 1e-5,
+  scale: Array | None = None,
+  bias: Array | None = None,
 ) -> Array:
-  """y = scale * (x - center) / sqrt(dev_sq + epsilon) + bias (x may be complex).
+  """y = scale * (x - center) / sqrt(dev_sq + epsilon) + bias.
+
+  ``x`` may be complex (statistics of a configuration defined on it).
 
   ``center`` and ``dev_sq`` (= D^2) have ``x.shape`` without ``axes``;
   ``scale`` and ``bias`` broadcast against ``x``. Computed in the promoted
@@ -344,8 +375,8 @@ def normalize(
   for name, v in (("center", center), ("dev_sq", dev_sq)):
     if jnp.shape(v) != channel_shape:
       raise ValueError(
-          f"{name} must have x's shape without axes {axes}, {channel_shape};"
-          f" got shape {jnp.shape(v)}"
+        f"{name} must have x's shape without axes {axes}, {channel_shape};"
+        f" got shape {jnp.shape(v)}"
       )
   mul = lax.rsqrt(jnp.expand_dims(dev_sq, axes) + epsilon)
   if scale is not None:

@@ -1,4 +1,4 @@
-"""``GeneralizedBatchNorm``: a drop-in ``flax.linen.BatchNorm`` with any S and D.
+"""``GeneralizedBatchNorm``: a drop-in ``flax.linen.BatchNorm``, any S and D.
 
 A thin wrapper: the checks are :func:`gbn_jax.config.layer_config`, the step
 is :mod:`gbn_jax._layer` (shared with the NNX module); this file holds only
@@ -23,7 +23,9 @@ from jax.nn import initializers
 from gbn_jax import _layer
 from gbn_jax.config import LayerConfig, check_bool, layer_config
 from gbn_jax.evaluation import from_batch_norm
-from gbn_jax.evaluation import recompute_batch_stats_linen as recompute_batch_stats
+from gbn_jax.evaluation import (
+  recompute_batch_stats_linen as recompute_batch_stats,
+)
 
 __all__ = ["GeneralizedBatchNorm", "from_batch_norm", "recompute_batch_stats"]
 
@@ -116,11 +118,11 @@ class GeneralizedBatchNorm(module.Module):
 
   @compact
   def __call__(
-      self,
-      x,
-      use_running_average: bool | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
   ):
     """Normalizes ``x`` with batch (or running) statistics.
 
@@ -135,25 +137,25 @@ class GeneralizedBatchNorm(module.Module):
     """
     cfg = _config(self)
     use_running_average = check_bool(
-        module.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        ),
-        "use_running_average",
-        allow_int=True,
+      module.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+      ),
+      "use_running_average",
+      allow_int=True,
     )
     _layer.check_input(cfg, x)
     feature_axes, reduction_axes = _layer.feature_layout(x.ndim, self.axis)
     feature_shape = tuple(x.shape[ax] for ax in feature_axes)
     stats_dtype = (
-        jnp.float32 if self.force_float32_reductions else self.param_dtype
+      jnp.float32 if self.force_float32_reductions else self.param_dtype
     )
     # Created in eval too (online trackers included), so a model initialised
     # for eval can train.
     running = {
-        name: self.variable("batch_stats", name, lambda v=v: v)
-        for name, v in _layer.initial_state(
-            cfg, feature_shape, stats_dtype
-        ).items()
+      name: self.variable("batch_stats", name, lambda v=v: v)
+      for name, v in _layer.initial_state(
+        cfg, feature_shape, stats_dtype
+      ).items()
     }
 
     if use_running_average:
@@ -164,14 +166,14 @@ class GeneralizedBatchNorm(module.Module):
     else:
       initializing = self.is_initializing()
       center, dev_sq, new = _layer.train_statistics(
-          cfg,
-          x,
-          {k: v.value for k, v in running.items()},
-          axes=reduction_axes,
-          mask=mask,
-          # As Flax: during init the named axis need not exist.
-          pooled=not initializing,
-          warm=not initializing,
+        cfg,
+        x,
+        {k: v.value for k, v in running.items()},
+        axes=reduction_axes,
+        mask=mask,
+        # As Flax: during init the named axis need not exist.
+        pooled=not initializing,
+        warm=not initializing,
       )
       if not initializing:
         for name, value in new.items():
@@ -179,8 +181,9 @@ class GeneralizedBatchNorm(module.Module):
 
     scale = bias = None
     if self.use_scale:
-      scale = self.param("scale", self.scale_init, feature_shape,
-                         self.param_dtype)
+      scale = self.param(
+        "scale", self.scale_init, feature_shape, self.param_dtype
+      )
       if not self.force_float32_reductions:
         scale = jnp.asarray(scale, self.param_dtype)
     if self.use_bias:
@@ -188,8 +191,14 @@ class GeneralizedBatchNorm(module.Module):
       if not self.force_float32_reductions:
         bias = jnp.asarray(bias, self.param_dtype)
     y, args = _layer.transform(
-        x, center, dev_sq, cfg=cfg, feature_axes=feature_axes,
-        reduction_axes=reduction_axes, scale=scale, bias=bias,
+      x,
+      center,
+      dev_sq,
+      cfg=cfg,
+      feature_axes=feature_axes,
+      reduction_axes=reduction_axes,
+      scale=scale,
+      bias=bias,
     )
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
@@ -197,28 +206,28 @@ class GeneralizedBatchNorm(module.Module):
 def _config(layer: GeneralizedBatchNorm) -> LayerConfig:
   """The layer's checked configuration (cached per distinct field values)."""
   return layer_config(
-      statistic=layer.statistic,
-      deviation=layer.deviation,
-      alpha=layer.alpha,
-      p=layer.p,
-      levels=layer.levels,
-      weights=layer.weights,
-      gaussian_consistent=layer.gaussian_consistent,
-      use_fast_variance=layer.use_fast_variance,
-      mode=layer.mode,
-      momentum=layer.momentum,
-      epsilon=layer.epsilon,
-      dtype=layer.dtype,
-      param_dtype=layer.param_dtype,
-      force_float32_reductions=layer.force_float32_reductions,
-      approximate=layer.approximate,
-      axis_name=layer.axis_name,
-      axis_index_groups=layer.axis_index_groups,
-      warm_start=layer.warm_start,
-      flags={
-          "use_running_average": layer.use_running_average,
-          "use_bias": layer.use_bias,
-          "use_scale": layer.use_scale,
-      },
-      initializers={"bias_init": layer.bias_init, "scale_init": layer.scale_init},
+    statistic=layer.statistic,
+    deviation=layer.deviation,
+    alpha=layer.alpha,
+    p=layer.p,
+    levels=layer.levels,
+    weights=layer.weights,
+    gaussian_consistent=layer.gaussian_consistent,
+    use_fast_variance=layer.use_fast_variance,
+    mode=layer.mode,
+    momentum=layer.momentum,
+    epsilon=layer.epsilon,
+    dtype=layer.dtype,
+    param_dtype=layer.param_dtype,
+    force_float32_reductions=layer.force_float32_reductions,
+    approximate=layer.approximate,
+    axis_name=layer.axis_name,
+    axis_index_groups=layer.axis_index_groups,
+    warm_start=layer.warm_start,
+    flags={
+      "use_running_average": layer.use_running_average,
+      "use_bias": layer.use_bias,
+      "use_scale": layer.use_scale,
+    },
+    initializers={"bias_init": layer.bias_init, "scale_init": layer.scale_init},
   )

@@ -22,8 +22,12 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from gbn_jax import _layer
-from gbn_jax.evaluation import recompute_batch_stats_nnx as recompute_batch_stats
 from gbn_jax.config import LayerConfig, _concrete, check_bool, layer_config
+from gbn_jax.evaluation import (
+  recompute_batch_stats_nnx as recompute_batch_stats,
+)
+
+__all__ = ["GeneralizedBatchNorm", "recompute_batch_stats"]
 
 
 def _as_tuple(v):
@@ -64,7 +68,8 @@ class GeneralizedBatchNorm(nnx.Module):
     deviation: a name in ``gbn_jax.DEVIATIONS`` (default ``superquantile``).
     alpha: level of ``quantile`` / ``superquantile``, in (0, 1).
     p: exponent of ``lp``, >= 1.
-    levels, weights: of ``mixed_superquantile`` (weights default to equal).
+    levels: levels of ``mixed_superquantile`` / ``mixed_quantile``.
+    weights: their weights (default equal).
     gaussian_consistent: scale D to equal σ on normal data.
     mode: ``"batch"`` or ``"online"``.
     approximate: quantiles from a subsample, for speed (off by default; the
@@ -72,73 +77,85 @@ class GeneralizedBatchNorm(nnx.Module):
     warm_start: in training, start the selection of the order statistics
       from the running averages once they hold real values (exact either
       way; fewer passes). On by default.
-    use_running_average, axis, momentum, epsilon, dtype, param_dtype,
-    use_bias, use_scale, bias_init, scale_init, axis_name,
-    axis_index_groups, use_fast_variance, promote_dtype, rngs,
-    bias_metadata, scale_metadata: as in ``flax.nnx.BatchNorm``
-    (``use_fast_variance`` affects ``std`` in batch mode only).
+    use_running_average: normalize with the running averages.
+    axis: the feature axis.
+    momentum: decay rate of the running averages.
+    epsilon: added to D^2.
+    dtype: the dtype of the result.
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: learn ``bias``.
+    use_scale: learn ``scale``.
+    bias_init: initializer of ``bias``.
+    scale_init: initializer of ``scale``.
+    axis_name: pool the statistics over this named axis (pmap / shard_map).
+    axis_index_groups: groups of that axis.
+    use_fast_variance: ``std`` as max(0, E[x²] - μ²) (batch mode only).
+    promote_dtype: promotes the input and the state, as nnx.BatchNorm.
+    rngs: for the parameters' initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
 
   A channel that ``mask`` hides completely in a batch is normalized with its
   running averages, which that batch leaves unchanged.
   """
 
   def __init__(
-      self,
-      num_features: int,
-      *,
-      statistic: str | None = None,
-      deviation: str = "superquantile",
-      alpha: float | None = 0.5,
-      p: float = 2.0,
-      levels: Sequence[float] | None = None,
-      weights: Sequence[float] | None = None,
-      gaussian_consistent: bool = False,
-      mode: str = "batch",
-      approximate: bool = False,
-      warm_start: bool = True,
-      use_running_average: bool | None = False,
-      axis: int = -1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros_init(),
-      scale_init: Initializer = initializers.ones_init(),
-      axis_name: str | None = None,
-      axis_index_groups: tp.Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    self,
+    num_features: int,
+    *,
+    statistic: str | None = None,
+    deviation: str = "superquantile",
+    alpha: float | None = 0.5,
+    p: float = 2.0,
+    levels: Sequence[float] | None = None,
+    weights: Sequence[float] | None = None,
+    gaussian_consistent: bool = False,
+    mode: str = "batch",
+    approximate: bool = False,
+    warm_start: bool = True,
+    use_running_average: bool | None = False,
+    axis: int = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = initializers.zeros_init(),
+    scale_init: Initializer = initializers.ones_init(),
+    axis_name: str | None = None,
+    axis_index_groups: tp.Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
     # Fail when the layer is set up, not with a NaN many steps later.
     cfg = layer_config(
-        statistic=statistic,
-        deviation=deviation,
-        alpha=alpha,
-        p=p,
-        levels=_as_tuple(levels),
-        weights=_as_tuple(weights),
-        gaussian_consistent=gaussian_consistent,
-        use_fast_variance=use_fast_variance,
-        mode=mode,
-        momentum=momentum,
-        epsilon=epsilon,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        approximate=approximate,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        warm_start=warm_start,
-        flags={
-            "use_running_average": use_running_average,
-            "use_bias": use_bias,
-            "use_scale": use_scale,
-        },
-        initializers={"bias_init": bias_init, "scale_init": scale_init},
+      statistic=statistic,
+      deviation=deviation,
+      alpha=alpha,
+      p=p,
+      levels=_as_tuple(levels),
+      weights=_as_tuple(weights),
+      gaussian_consistent=gaussian_consistent,
+      use_fast_variance=use_fast_variance,
+      mode=mode,
+      momentum=momentum,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      approximate=approximate,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      warm_start=warm_start,
+      flags={
+        "use_running_average": use_running_average,
+        "use_bias": use_bias,
+        "use_scale": use_scale,
+      },
+      initializers={"bias_init": bias_init, "scale_init": scale_init},
     )
     self.statistic = statistic
     self.deviation = deviation
@@ -165,7 +182,7 @@ class GeneralizedBatchNorm(nnx.Module):
     if use_scale:
       key = rngs.params()
       self.scale = nnx.Param(
-          scale_init(key, feature_shape, param_dtype), **scale_metadata
+        scale_init(key, feature_shape, param_dtype), **scale_metadata
       )
     else:
       self.scale = nnx.data(None)
@@ -173,16 +190,18 @@ class GeneralizedBatchNorm(nnx.Module):
     if use_bias:
       key = rngs.params()
       self.bias = nnx.Param(
-          bias_init(key, feature_shape, param_dtype), **bias_metadata
+        bias_init(key, feature_shape, param_dtype), **bias_metadata
       )
     else:
       self.bias = nnx.data(None)
 
     self.num_features = num_features
     self.use_running_average = (
-        use_running_average if use_running_average is None
-        else check_bool(use_running_average, "use_running_average",
-                        allow_int=True)
+      use_running_average
+      if use_running_average is None
+      else check_bool(
+        use_running_average, "use_running_average", allow_int=True
+      )
     )
     self.axis = axis
     self.momentum = cfg.momentum
@@ -196,11 +215,11 @@ class GeneralizedBatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
 
   def __call__(
-      self,
-      x,
-      use_running_average: bool | None = None,
-      *,
-      mask: jax.Array | None = None,
+    self,
+    x,
+    use_running_average: bool | None = None,
+    *,
+    mask: jax.Array | None = None,
   ):
     """Normalizes ``x`` with batch (or online, or running) statistics.
 
@@ -214,13 +233,13 @@ class GeneralizedBatchNorm(nnx.Module):
       The normalized input, of ``x``'s shape.
     """
     use_running_average = first_from(
-        use_running_average,
-        self.use_running_average,
-        error_msg=(
-            "No `use_running_average` argument was provided to"
-            " GeneralizedBatchNorm: pass it to the constructor or the call,"
-            " or use .train() / .eval() / nnx.view."
-        ),
+      use_running_average,
+      self.use_running_average,
+      error_msg=(
+        "No `use_running_average` argument was provided to"
+        " GeneralizedBatchNorm: pass it to the constructor or the call,"
+        " or use .train() / .eval() / nnx.view."
+      ),
     )
     cfg = self._current_config()
     _layer.check_input(cfg, x)
@@ -230,16 +249,16 @@ class GeneralizedBatchNorm(nnx.Module):
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, center, dev_sq, scale, bias = self.promote_dtype(
-        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+      (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
     )
     if not use_running_average:
-      names = ("mean", "var") + self.online_names
+      names = ("mean", "var", *self.online_names)
       center, dev_sq, new = _layer.train_statistics(
-          cfg,
-          x,
-          {k: getattr(self, k)[...] for k in names},
-          axes=reduction_axes,
-          mask=mask,
+        cfg,
+        x,
+        {k: getattr(self, k)[...] for k in names},
+        axes=reduction_axes,
+        mask=mask,
       )
       # As nnx.BatchNorm: stop_gradient on the stored state only for refs.
       if self.mean._can_update or self.var._can_update:
@@ -248,8 +267,14 @@ class GeneralizedBatchNorm(nnx.Module):
         getattr(self, k)[...] = v
 
     y, args = _layer.transform(
-        x, center, dev_sq, cfg=cfg, feature_axes=feature_axes,
-        reduction_axes=reduction_axes, scale=scale, bias=bias,
+      x,
+      center,
+      dev_sq,
+      cfg=cfg,
+      feature_axes=feature_axes,
+      reduction_axes=reduction_axes,
+      scale=scale,
+      bias=bias,
     )
     return jnp.asarray(y, dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
@@ -257,14 +282,23 @@ class GeneralizedBatchNorm(nnx.Module):
     """The configuration of the current attributes (cached per value, so
     changing an attribute, e.g. ``momentum``, takes effect and is checked)."""
     return layer_config(
-        statistic=self.statistic, deviation=self.deviation, alpha=self.alpha,
-        p=self.p, levels=self.levels, weights=self.weights,
-        gaussian_consistent=self.gaussian_consistent,
-        use_fast_variance=self.use_fast_variance, mode=self.mode,
-        momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
-        param_dtype=self.param_dtype, approximate=self.approximate,
-        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        warm_start=self.warm_start,
+      statistic=self.statistic,
+      deviation=self.deviation,
+      alpha=self.alpha,
+      p=self.p,
+      levels=self.levels,
+      weights=self.weights,
+      gaussian_consistent=self.gaussian_consistent,
+      use_fast_variance=self.use_fast_variance,
+      mode=self.mode,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      approximate=self.approximate,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      warm_start=self.warm_start,
     )
 
   def set_view(self, use_running_average: bool | None = None):

@@ -39,20 +39,20 @@ class Trackers(NamedTuple):
   quantiles: dict  # level α -> q_α
   max: Array | None
   min: Array | None
-  abs_quantiles: dict = {}  # level α -> q_α of |x - μ|
+  abs_quantiles: dict | None = None  # level α -> q_α of |x - μ|
 
 
 ONLINE_STATISTICS = {
-    n: s.online
-    for n, s in catalogue.STATISTIC_SPECS.items()
-    if s.online is not None
+  n: s.online
+  for n, s in catalogue.STATISTIC_SPECS.items()
+  if s.online is not None
 }
 """Statistic name -> its online estimate (a view of the catalogue records)."""
 
 ONLINE_DEVIATIONS = {
-    n: d.online
-    for n, d in catalogue.DEVIATION_SPECS.items()
-    if d.online is not None
+  n: d.online
+  for n, d in catalogue.DEVIATION_SPECS.items()
+  if d.online is not None
 }
 """Deviation name -> its online estimate (a view of the catalogue records)."""
 
@@ -61,14 +61,14 @@ def _entries(measures: Measures) -> tuple[OnlineStatistic, OnlineDeviation]:
   stat = measures.statistic_spec.online
   if stat is None:
     raise ValueError(
-        f"statistic {measures.statistic!r} has no online estimate; online mode"
-        f" supports {sorted(ONLINE_STATISTICS)}"
+      f"statistic {measures.statistic!r} has no online estimate; online mode"
+      f" supports {sorted(ONLINE_STATISTICS)}"
     )
   dev = measures.deviation_spec.online
   if dev is None:
     raise ValueError(
-        f"deviation {measures.deviation!r} has no online estimate; online mode"
-        f" supports {sorted(ONLINE_DEVIATIONS)}"
+      f"deviation {measures.deviation!r} has no online estimate; online mode"
+      f" supports {sorted(ONLINE_DEVIATIONS)}"
     )
   return stat, dev
 
@@ -82,7 +82,7 @@ def check_online(measures: Measures) -> None:
 def _needs(measures: Measures) -> tuple:
   stat, dev = _entries(measures)
   return stat.needs(**measures.statistic_kwargs) + dev.needs(
-      **measures.deviation_kwargs
+    **measures.deviation_kwargs
   )
 
 
@@ -105,7 +105,7 @@ def quantile_levels(measures: Measures) -> tuple[float, ...]:
 
 
 def init_state(
-    measures: Measures, channel_shape: Sequence[int], dtype: Any = jnp.float32
+  measures: Measures, channel_shape: Sequence[int], dtype: Any = jnp.float32
 ) -> dict[str, Array]:
   """The initial online state (only the trackers this configuration reads).
 
@@ -118,35 +118,42 @@ def init_state(
     state["online_mu"] = jnp.zeros(shape, dtype)
   levels = quantile_levels(measures)
   if levels:
-    state["online_quantiles"] = jnp.zeros((len(levels),) + shape, dtype)
-    state["online_quantile_scale"] = jnp.ones((len(levels),) + shape, dtype)
+    state["online_quantiles"] = jnp.zeros((len(levels), *shape), dtype)
+    state["online_quantile_scale"] = jnp.ones((len(levels), *shape), dtype)
   abs_levels = abs_quantile_levels(measures)
   if abs_levels:
-    state["online_abs_quantiles"] = jnp.zeros((len(abs_levels),) + shape, dtype)
+    state["online_abs_quantiles"] = jnp.zeros((len(abs_levels), *shape), dtype)
     state["online_abs_quantile_scale"] = jnp.ones(
-        (len(abs_levels),) + shape, dtype
+      (len(abs_levels), *shape), dtype
     )
   if "extremes" in needs:
     state["online_max"] = jnp.ones(shape, dtype)
     state["online_min"] = -jnp.ones(shape, dtype)
-  if measures.deviation_spec.online.moment is not None:
+  if _entries(measures)[1].moment is not None:
     state["online_moment"] = jnp.ones(shape, dtype)
   return state
 
 
-def _track_quantiles(sample, transform, levels, qs_old, scales_old, r, b,
-                     quantile_step):
+def _fraction_at_or_below(transform, qe):
+  return lambda x: (transform(x) <= qe).astype(x.dtype)  # F̂(q) per value
+
+
+def _abs_distance(transform, qe):
+  return lambda x: jnp.abs(transform(x) - qe)
+
+
+def _track_quantiles(
+  sample, transform, levels, qs_old, scales_old, r, b, quantile_step
+):
   """One Robbins–Monro step per level on the values ``transform(x)``."""
   if not levels:
     return {}, {}
   qs, scales, out = [], [], {}
   for i, a in enumerate(levels):
     q, s = qs_old[i], scales_old[i]
-    qe = sample.expand(q)
-    below = sample.average(lambda x: (transform(x) <= qe).astype(x.dtype))
+    below = sample.average(_fraction_at_or_below(transform, sample.expand(q)))
     q = q + (quantile_step * r * s) * (a - below)
-    qe = sample.expand(q)
-    s = b * s + r * sample.average(lambda x: jnp.abs(transform(x) - qe))
+    s = b * s + r * sample.average(_abs_distance(transform, sample.expand(q)))
     out[a] = q
     qs.append(q)
     scales.append(s)
@@ -154,12 +161,12 @@ def _track_quantiles(sample, transform, levels, qs_old, scales_old, r, b,
 
 
 def update(
-    measures: Measures,
-    state: dict[str, Array],
-    sample: Sample,
-    *,
-    momentum: float = 0.99,
-    quantile_step: float = DEFAULT_QUANTILE_STEP,
+  measures: Measures,
+  state: dict[str, Array],
+  sample: Sample,
+  *,
+  momentum: float = 0.99,
+  quantile_step: float = DEFAULT_QUANTILE_STEP,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """Absorbs the batch into the running estimates; returns (S, D^2, state).
 
@@ -185,8 +192,8 @@ def update(
   expected = init_state(measures, sample.channel_shape)
   if set(old) != set(expected):
     raise ValueError(
-        f"online state has keys {sorted(old)}; this configuration needs"
-        f" {sorted(expected)}"
+      f"online state has keys {sorted(old)}; this configuration needs"
+      f" {sorted(expected)}"
     )
   x = sample.x
   # r = 1 - β where the channel has a valid value, 0 where it has none (the
@@ -201,19 +208,30 @@ def update(
     new["online_mu"] = mu
 
   quantiles, new_q = _track_quantiles(
-      sample, lambda x: x, quantile_levels(measures),
-      old.get("online_quantiles"), old.get("online_quantile_scale"), r, b,
-      quantile_step,
+    sample,
+    lambda x: x,
+    quantile_levels(measures),
+    old.get("online_quantiles"),
+    old.get("online_quantile_scale"),
+    r,
+    b,
+    quantile_step,
   )
   new.update({f"online_{k}": v for k, v in new_q.items()})
   abs_quantiles = {}
   abs_levels = abs_quantile_levels(measures)
   if abs_levels:
+    assert mu is not None  # ("abs", α) comes with "mu" (catalogue records)
     mu_e = sample.expand(mu)
     abs_quantiles, new_q = _track_quantiles(
-        sample, lambda x: jnp.abs(x - mu_e), abs_levels,
-        old["online_abs_quantiles"], old["online_abs_quantile_scale"], r, b,
-        quantile_step,
+      sample,
+      lambda x: jnp.abs(x - mu_e),
+      abs_levels,
+      old["online_abs_quantiles"],
+      old["online_abs_quantile_scale"],
+      r,
+      b,
+      quantile_step,
     )
     new.update({f"online_abs_{k}": v for k, v in new_q.items()})
 
@@ -222,10 +240,14 @@ def update(
     has = r > 0
     bmax, bmin = sample.max(), sample.min()
     hi = jnp.where(
-        has, jnp.maximum(bmax, b * old["online_max"] + r * bmax), old["online_max"]
+      has,
+      jnp.maximum(bmax, b * old["online_max"] + r * bmax),
+      old["online_max"],
     )
     lo = jnp.where(
-        has, jnp.minimum(bmin, b * old["online_min"] + r * bmin), old["online_min"]
+      has,
+      jnp.minimum(bmin, b * old["online_min"] + r * bmin),
+      old["online_min"],
     )
     new["online_max"], new["online_min"] = hi, lo
 
@@ -234,11 +256,11 @@ def update(
   m = None
   if dev.moment is not None:
     expanded = Trackers(
-        None if mu is None else sample.expand(mu),
-        {a: sample.expand(q) for a, q in quantiles.items()},
-        None,
-        None,
-        {a: sample.expand(q) for a, q in abs_quantiles.items()},
+      None if mu is None else sample.expand(mu),
+      {a: sample.expand(q) for a, q in quantiles.items()},
+      None,
+      None,
+      {a: sample.expand(q) for a, q in abs_quantiles.items()},
     )
     phi = lambda v: dev.moment(v, expanded, **measures.deviation_kwargs)
     m = b * old["online_moment"] + r * sample.average(phi)
@@ -247,29 +269,29 @@ def update(
   if measures.scale != 1.0:
     dev_sq = dev_sq * measures.scale**2
   new = {
-      k: lax.stop_gradient(v).astype(jnp.asarray(state[k]).dtype)
-      for k, v in new.items()
+    k: lax.stop_gradient(v).astype(jnp.asarray(state[k]).dtype)
+    for k, v in new.items()
   }
   return center, dev_sq, new
 
 
 def online_statistics(
-    x: Array,
-    state: dict[str, Array],
-    *,
-    axes: int | Sequence[int],
-    statistic: str | None = None,
-    deviation: str = "superquantile",
-    alpha: float | None = 0.5,
-    p: float = 2.0,
-    levels: Sequence[float] | None = None,
-    weights: Sequence[float] | None = None,
-    gaussian_consistent: bool = False,
-    momentum: float = 0.99,
-    quantile_step: float = DEFAULT_QUANTILE_STEP,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: Array,
+  state: dict[str, Array],
+  *,
+  axes: int | Sequence[int],
+  statistic: str | None = None,
+  deviation: str = "superquantile",
+  alpha: float | None = 0.5,
+  p: float = 2.0,
+  levels: Sequence[float] | None = None,
+  weights: Sequence[float] | None = None,
+  gaussian_consistent: bool = False,
+  momentum: float = 0.99,
+  quantile_step: float = DEFAULT_QUANTILE_STEP,
+  mask: Array | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """The functional form of one online step: ``(center, dev, new_state)``.
 
@@ -279,24 +301,24 @@ def online_statistics(
   from gbn_jax.config import make_measures  # noqa: PLC0415
 
   measures = make_measures(
-      statistic,
-      deviation,
-      alpha=alpha,
-      p=p,
-      levels=levels,
-      weights=weights,
-      gaussian_consistent=gaussian_consistent,
+    statistic,
+    deviation,
+    alpha=alpha,
+    p=p,
+    levels=levels,
+    weights=weights,
+    gaussian_consistent=gaussian_consistent,
   )
   sample = Sample(
-      x,
-      axes,
-      mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
+    x,
+    axes,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
   )
   if state is None:
     state = init_state(measures, sample.channel_shape)
   center, dev_sq, new = update(
-      measures, state, sample, momentum=momentum, quantile_step=quantile_step
+    measures, state, sample, momentum=momentum, quantile_step=quantile_step
   )
   return center, catalogue._safe_root(dev_sq, 0.5), new
