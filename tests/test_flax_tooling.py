@@ -68,8 +68,10 @@ def test_nnx_tabulate_and_view_info():
   assert evaluated.norm.use_running_average is True
 
 
-@pytest.mark.parametrize("momentum", [jnp.float32(0.9), np.float64(0.9),
-                                      jnp.asarray(0.9)])
+@pytest.mark.parametrize("momentum", [
+    jnp.float32(0.9),
+    pytest.param(np.float64(0.9), marks=pytest.mark.slow),
+    pytest.param(jnp.asarray(0.9), marks=pytest.mark.slow)])
 def test_hyperparameters_as_jax_and_numpy_scalars(momentum):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
   flags = dict(use_running_average=jnp.array(False), use_bias=np.bool_(True),
@@ -100,7 +102,8 @@ def test_hyperparameters_as_jax_and_numpy_scalars(momentum):
     jax.jit(lambda m: gbn_jax.GeneralizedBatchNorm(momentum=m))(0.9)
 
 
-@pytest.mark.parametrize("deviation", ["superquantile", "std"])
+@pytest.mark.parametrize("deviation", [
+    "superquantile", pytest.param("std", marks=pytest.mark.slow)])
 def test_fully_masked_channel_keeps_running_averages(deviation):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(12, 3)) * 2 + 1, jnp.float32)

@@ -99,6 +99,7 @@ def test_option_a_shortcut_pads_channels_with_zeros():
   np.testing.assert_allclose(y, expected)
 
 
+@pytest.mark.slow
 def test_resnet20_one_train_step_bn():
   variables, result = _one_train_step(models.resnet20("bn"))
   _check_step("bn", variables, result)
@@ -115,6 +116,7 @@ def test_resnet20_one_train_step_every_norm(norm):
 # -- the plain CNN ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cnn_on_32x32_images_is_the_plain_vgg_like_cnn():
   spec = models.NormSpec("gbn-superquantile", 0.5)
   model = models.build_model("cnn", spec, 10, None, (32, 32, 3))

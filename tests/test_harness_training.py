@@ -26,6 +26,7 @@ def _read_csv(path):
     return reader.fieldnames, list(reader)
 
 
+@pytest.mark.slow
 def test_tiny_image_folder_run_records_time_and_precise_stats(tmp_path,
                                                                monkeypatch):
   """--dataset cifar10 on a generated image folder, the plain CNN, with

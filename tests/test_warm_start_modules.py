@@ -42,7 +42,8 @@ def _batches(steps, shift_at=None):
   return out
 
 
-@pytest.mark.parametrize("deviation", ["superquantile", "median_abs"])
+@pytest.mark.parametrize("deviation", [
+    "superquantile", pytest.param("median_abs", marks=pytest.mark.slow)])
 def test_linen_warm_and_cold_train_identically(deviation):
   batches = _batches(5, shift_at=3)
   results = []
