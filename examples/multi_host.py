@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,43 +52,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import gbn_jax
+# The model and data of the one-process example (this folder is on sys.path
+# when the script runs).
+from multi_device import AXIS, CNN, make_data
 
-AXIS = "batch"
 N_TEST = 512
-
-
-class CNN(nn.Module):
-  """conv -> GBN -> relu, twice, then a linear head (as multi_device.py)."""
-
-  approximate: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    norm = functools.partial(
-        gbn_jax.GeneralizedBatchNorm,
-        use_running_average=not train,
-        axis_name=AXIS if train else None,
-        deviation="superquantile",
-        alpha=0.5,
-        approximate=self.approximate,
-    )
-    x = nn.Conv(16, (3, 3))(x)
-    x = nn.relu(norm()(x))
-    x = nn.Conv(32, (3, 3), strides=(2, 2))(x)
-    x = nn.relu(norm()(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(2)(x)
-
-
-def make_data(rng: np.random.Generator, n: int):
-  """Two classes: horizontal vs vertical stripes under noise."""
-  y = rng.integers(0, 2, n)
-  i = np.arange(16)
-  stripes = np.sin(i * 1.3)[None, :] * np.ones((16, 1))
-  img = np.where(y[:, None, None] == 0, stripes, stripes.T)
-  x = img + rng.standard_normal((n, 16, 16)) * 1.5
-  return x[..., None].astype(np.float32), y.astype(np.int32)
 
 
 def test_set():
