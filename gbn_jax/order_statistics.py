@@ -42,13 +42,48 @@ max over the bracket reads off the values of the latter kind.
 
 The pivots of the first pass are where a normal fit (the sample's mean, and
 the spread of a strided subsample of :data:`PIVOT_SUBSAMPLE_SIZE` values)
-puts the quantiles at ``t ∓ spread``; afterwards they are placed by linear
-interpolation of the rank across the bracket, ``±(sqrt(m f (1 - f)) +
-1/4)`` ranks around the target (``m`` values in the bracket, the target at
-fraction ``f`` of them) -- fast on smooth data. From pass ``BISECT_AFTER``
-on, one pivot halves the bracket's key range instead, which bounds the
-passes on any data (:func:`max_passes`). The loop (``lax.while_loop``) stops
-when every channel is finished.
+puts the quantiles at ``t ∓ spread``, inside the data range (the sample's
+min and max); afterwards they are placed by linear interpolation of the rank
+across the bracket, ``±(sqrt(m f (1 - f)) + 1/4)`` ranks around the target
+(``m`` values in the bracket, the target at fraction ``f`` of them) -- fast
+on smooth data. From pass ``BISECT_AFTER`` on, one pivot halves the
+bracket's key range instead, which bounds the passes on any data
+(:func:`max_passes`). The loop (``lax.while_loop``) stops when every channel
+is finished.
+
+Warm start
+----------
+``Sample(quantile_guess={α: g}, spread_guess=s)``: per channel, a guess
+``g`` of ``q_α`` (e.g. a layer's running average of it) and of the data's
+spread ``s`` (a standard deviation). :func:`quantile` then starts from them:
+the first pivots are ``g ∓ δ``, ``δ = WARM_SE · s sqrt(t (1 - t) / n) /
+φ(Φ⁻¹(t))`` -- :data:`WARM_SE` standard errors of the sample quantile under
+a normal model -- as keys ``(min(key(g - δ), key(g) - 1), max(key(g + δ),
+key(g)))`` (``s = 0``: the key of ``g`` and the one below, which finishes a
+constant channel equal to ``g`` in one pass). The cold prelude (mean, data
+range, subsample spread) is skipped: the bracket starts as the whole key
+range, ``c(lo) = 0`` and ``c(hi) = n`` by definition, and a pair that misses
+leaves an end at ±inf, which makes that pass snap to the data (two
+reductions, what the data range costs cold).
+
+Exactness never depends on the guess: every pass keeps ``c(lo) < k <=
+c(hi)``, whatever its pivots, so a far-off guess (or a changed
+distribution) costs passes, not correctness. Per channel, a non-finite guess
+falls back to the cold normal fit (from the subsample's mean and spread),
+and a NaN, ±inf or negative spread (or none) to the subsample's RMS
+deviation from the guess; the subsample is read only when some channel
+needs it. On steady data the passes are about those of a cold start (the
+last channels' end game sets them); what is saved is the prelude.
+
+Across devices the counts of a pass are ``psum``-ed, so every device must
+count at the same pivots. The engine makes the guesses identical rather than
+requiring it: ``(g, s)``, unusable values first mapped to ``-inf``, are
+``pmax``-ed over ``axis_name`` (one C-sized all-reduce per level). Replicated
+running averages pass through unchanged; devices that pass different
+guesses all start from the largest usable one; a device without a usable
+guess takes another's, and a channel cold on every device is cold on all.
+The result is exact either way. :func:`quantile_passes` (and
+:func:`selection_passes` with ``guess=``) report the passes taken.
 
 No pass gathers activations: communication per call is
 ``O(channels x passes)``. Under ``jit`` with a sharded batch (no
@@ -65,18 +100,53 @@ Gradient (SPEC §3): ``dx = g * [x == x_(k)] / #{x == x_(k)}`` -- ties share
 the unit of gradient, an allowed subgradient; without ties it is the sort's
 gradient exactly. It is attached with a ``jax.custom_jvp`` (so forward mode
 works too) whose primal is free and whose derivative is elementwise; the
-backward needs ``x`` and per-channel values only. The cross-device part of the gradient goes through the same
-``psum`` as every other reduction of the sample, so ``pmap``/``shard_map``
-differentiate it as they differentiate the mean.
+backward needs ``x`` and per-channel values only. The cross-device part of
+the gradient goes through the same ``psum`` as every other reduction of the
+sample, so ``pmap``/``shard_map`` differentiate it as they differentiate the
+mean. With or without a guess the gradient is the same (it depends on
+``x_(k)`` and its ties only).
 
-Approximate mode (``Sample(approximate=True)``): ``q_α`` is the quantile of a
-strided subsample of at most :data:`APPROX_SUBSAMPLE_SIZE` values per channel
-(averaged over devices), and the superquantile is then evaluated exactly at
-that point by the Rockafellar–Uryasev formula
-``q + Σ[x - q]_+ / ((1 - α) n)``, which is >= the exact ``q̄_α``; the error
-is second order in the quantile's error (rank standard error
-``sqrt(α(1-α)/m)``, m the subsample size). Not exact, and under ``pmap`` not
-equal to the one-device value on the concatenated batch.
+Approximate mode (``Sample(approximate=True)``)
+-----------------------------------------------
+The same search -- from the guess where guess and spread are usable, else
+from the data range alone (a normal fit to the sample's min and max) --
+stopped as soon as every channel's last pass straddled the
+target (``c(p_0) < k <= c(p_1)`` for two of its pivots) with at most ``M =
+APPROX_BRACKET_SE sqrt(n t (1 - t))`` values in the bracket, ``t = (k - 1/2)
+/ n`` (or the channel is finished exactly); its later pairs span at least
+``±M / 4`` ranks, so that one more pass usually straddles. ``q̂_α`` is then the
+rank interpolation ``a + (b - a)(k - c(lo) - 1/2) / m`` across the final
+bracket ``(lo, hi] = (a, b]`` holding ``m`` values (``hi`` itself where the
+bracket is one key or one value). In steady state (a guess within a few
+standard errors) that is one counting pass, no mean, no data range. The
+bound, per channel, on any data (heavy tails, skew, ties, masks, any guess):
+
+- rank: ``c(lo) <= #{x <= q̂} <= c(hi)`` with ``c(lo) < k <= c(hi)``, so
+  ``|#{x <= q̂} - k| <= m`` and ``|F_n(q̂) - α| < (m + 1) / n`` (``F_n``
+  the empirical CDF), with ``m <= M``, i.e. ``|F_n(q̂) - α| <
+  APPROX_BRACKET_SE sqrt(t (1 - t) / n) + 2 / n``, unless ``q̂ = x_(k)``
+  exactly (a bracket of one key: its ties); ``m`` is returned by
+  :func:`approximate_bracket`. With a continuous
+  density the interpolation is much closer: about ``sqrt(m) / 2`` ranks,
+  a fraction of a standard error of the quantile itself.
+- superquantile: the Rockafellar–Uryasev value at ``q̂``, ``RU(q̂) = q̂ +
+  Σ[x - q̂]_+ / ((1 - α) n)``, satisfies ``0 <= RU(q̂) - q̄_α <= |q̂ - q_α|
+  |F_n(q̂) - α| / (1 - α)`` -- an upper bound, second order: the value error
+  times the rank error. (``RU'(c) = (F_n(c) - α) / (1 - α)`` is
+  nondecreasing, ``< 0`` below ``q_α`` and ``>= 0`` from ``q_α`` on, and
+  between ``q_α`` and ``q̂`` it lies between 0 and its value at ``q̂``;
+  integrate it from ``q_α`` to ``q̂``.)
+
+Gradient: that of the mean of the ``m`` values in the final bracket,
+``g [lo < x <= hi] / m`` (a smoothed ``[x == x_(k)]``; the same where the
+bracket holds one value or one key): it sums to 1 per channel, like the
+exact quantile's, so a shift of the whole channel still cancels in the
+gradient. Only exactly pooled quantities place the pivots (counts, the
+min and max, the ``pmax``-ed guess; no mean or subsample, whose float sums
+round differently from one device count or program to another), so the
+final bracket is the same on every device and equals the one-device bracket
+on the concatenated batch: q̂ is the one-device value (the interpolation may
+round by an ulp differently in another program).
 """
 
 from __future__ import annotations
@@ -96,7 +166,19 @@ P_INTERP = 2
 """Pivots counted in each pass."""
 
 SPREAD = 0.05
-"""First-pass pivots: quantile levels t ∓ SPREAD sqrt(t (1 - t)) of a normal fit."""
+"""Cold first pass: the levels t ∓ SPREAD sqrt(t (1 - t)) of a normal fit."""
+
+RANGE_SPREAD = 0.15
+"""The approximate mode's cold first pass: levels t ∓ RANGE_SPREAD sqrt(t (1 -
+t)) of a normal fit to the data range (a rougher fit than the mean's, so a
+wider pair: it straddles, and the next pass narrows)."""
+
+WARM_SE = 4.0
+"""Warm first pass: pivots at the guess ∓ WARM_SE standard errors of the
+sample quantile (normal model with the guessed spread). A miss in any one
+of C channels costs every channel a pass, so the pair is wide: a guess off
+by the batch-to-batch noise alone (about one standard error) is outside it
+with probability ~6e-5 per channel."""
 
 HALF = 1.0
 """Later pivots: ranks ±(HALF sqrt(m f (1 - f)) + 1/4) around the target
@@ -105,11 +187,14 @@ HALF = 1.0
 BISECT_AFTER = 6
 """From this pass on, the last pivot halves the key range (worst-case bound)."""
 
-APPROX_SUBSAMPLE_SIZE = 256
-"""Values per channel (per device) in the approximate mode's subsample."""
+APPROX_BRACKET_SE = 16.0
+"""Approximate mode: stop once the bracket holds at most this many standard
+errors of the sample quantile, ``APPROX_BRACKET_SE sqrt(n t (1 - t))``
+values (``t = (k - 1/2) / n``), then interpolate (the rank-error bound)."""
 
 PIVOT_SUBSAMPLE_SIZE = 1024
-"""Values per channel (per device) behind the first pass's spread estimate."""
+"""Values per channel (per device) behind the cold first pass's spread
+estimate (and a warm start's, where the spread guess is unusable)."""
 
 _MAX_KEY = 2**31 - 1
 _MIN_KEY = -(2**31)  # below every key
@@ -206,14 +291,6 @@ def _subsample(sample: Sample, size: int):
   if sample.mask is not None:
     valid = _reduction_first(sample, sample.mask)[::stride]
   return x, valid
-
-
-def _device_mean(sample: Sample, v: Array) -> Array:
-  """Mean over the devices of the group (identical pivots on every device)."""
-  if sample.axis_name is None:
-    return v
-  ones = sample.psum(jnp.ones((), v.dtype))
-  return sample.psum(v) / ones
 
 
 # --------------------------------------------------------------------------
@@ -386,11 +463,13 @@ def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
 def _count_step(sample, k, lo, hi, c_lo, c_hi, pivots):
   """Counts at the pivots; keeps the pivots next to rank k as the bracket.
 
-  Returns (lo, hi, c_lo, c_hi). Two reductions: the ends stay where the
-  counts put them (not pulled in to data, see :func:`_snap`).
+  Returns (lo, hi, c_lo, c_hi, hit), ``hit`` where the target fell between
+  two of these pivots (both ends are fresh counts). Two reductions: the ends
+  stay where the counts put them (not pulled in to data, see :func:`_snap`).
   """
   counts = _counts(sample, pivots)
   below = counts < k[..., None]
+  hit = jnp.any(below, -1) & jnp.any(~below, -1)
   lo_new = jnp.max(jnp.where(below, pivots, _MIN_KEY), -1)
   c_lo_new = jnp.max(jnp.where(below, counts, -1.0), -1)
   hi_new = jnp.min(jnp.where(below, _MAX_KEY, pivots), -1)
@@ -399,7 +478,7 @@ def _count_step(sample, k, lo, hi, c_lo, c_hi, pivots):
   lo, c_lo = jnp.where(take_lo, lo_new, lo), jnp.where(take_lo, c_lo_new, c_lo)
   take_hi = hi_new < hi
   hi, c_hi = jnp.where(take_hi, hi_new, hi), jnp.where(take_hi, c_hi_new, c_hi)
-  return lo, hi, c_lo, c_hi
+  return lo, hi, c_lo, c_hi, hit
 
 
 def _snap(sample, lo, hi):
@@ -423,9 +502,10 @@ def _unbounded(lo, hi):
   return (lo < -finite) | (hi > finite)
 
 
-def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
+def _next_pivots(k, lo, hi, c_lo, c_hi, bisect, min_half=None):
   """P_INTERP keys by rank interpolation across the bracket (the last one:
-  the key midpoint when ``bisect``)."""
+  the key midpoint when ``bisect``); ``min_half``: a floor on the pair's
+  half-width in ranks (per channel; the approximate mode's wide pairs)."""
   finite = _INF_KEY - 1
   a = key_to_float(jnp.clip(lo, -finite, finite))  # c(a) = c_lo
   b = key_to_float(jnp.clip(hi, -finite, finite))  # c(b) = c_hi
@@ -439,6 +519,8 @@ def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
   # the bracket (wider pairs stall when m is small: measured, more passes).
   fr = jnp.clip((r - 0.5) / m, 0.0, 1.0)
   half = HALF * jnp.sqrt(m * fr * (1.0 - fr)) + 0.25
+  if min_half is not None:
+    half = jnp.maximum(half, min_half)
   j = jnp.linspace(-1.0, 1.0, P_INTERP, dtype=jnp.float32)
   f = (r[..., None] - 0.5 + half[..., None] * j) / m[..., None]
   f = jnp.clip(f, 0.0, 1.0)
@@ -457,6 +539,8 @@ def _next_pivots(k, lo, hi, c_lo, c_hi, bisect):
 def _pass(sample, k, lo, hi, c_lo, c_hi, pivots):
   """One pass: count at the pivots; snap the ends to data where needed.
 
+  Returns (lo, hi, c_lo, c_hi, hit) (``hit``: see :func:`_count_step`).
+
   The snap (two more reductions) runs only when some unfinished channel has
   an end at ±inf (interpolation is blind there) or made no progress in
   count (the bracket holds only copies of one value, or the data is so
@@ -464,13 +548,13 @@ def _pass(sample, k, lo, hi, c_lo, c_hi, pivots):
   interpolation real end points. On smooth data most passes skip it.
   """
   m_old = c_hi - c_lo
-  lo, hi, c_lo, c_hi = _count_step(sample, k, lo, hi, c_lo, c_hi, pivots)
+  lo, hi, c_lo, c_hi, hit = _count_step(sample, k, lo, hi, c_lo, c_hi, pivots)
   open_ = ~_done(lo, hi, c_lo, c_hi)
   need = open_ & (_unbounded(lo, hi) | (c_hi - c_lo >= m_old))
   lo, hi = lax.cond(
       jnp.any(need), lambda: _snap(sample, lo, hi), lambda: (lo, hi)
   )
-  return lo, hi, c_lo, c_hi
+  return lo, hi, c_lo, c_hi, hit
 
 
 def _data_range(sample: Sample):
@@ -490,68 +574,271 @@ def _data_range(sample: Sample):
   return lo, hi
 
 
+def _subsample_sample(sample: Sample) -> Sample:
+  """The strided subsample (:data:`PIVOT_SUBSAMPLE_SIZE` slots per channel
+  and device) as a pooled Sample of its own, without gradient."""
+  xs, valid = _subsample(sample, PIVOT_SUBSAMPLE_SIZE)
+  # Sum, then divide (overflow_safe=False): a guess needs no overflow guard,
+  # and a 1/n multiply here shared its broadcast with the tail sum's, which
+  # XLA:CPU then wrote out as an x-sized buffer (seen in the compiled step).
+  return Sample(
+      lax.stop_gradient(xs).astype(jnp.float32), (0,), mask=valid,
+      axis_name=sample.axis_name, axis_index_groups=sample.axis_index_groups,
+      overflow_safe=False,
+  )
+
+
 def _subsample_sigma(sample: Sample, mu: Array) -> Array:
   """RMS deviation from ``mu`` over a strided subsample (pooled over devices).
 
   About 2% relative error at PIVOT_SUBSAMPLE_SIZE = 1024 values: well inside
   the first pass's SPREAD on normal data; on other data the counts decide.
   """
-  xs, valid = _subsample(sample, PIVOT_SUBSAMPLE_SIZE)
-  # Sum, then divide (overflow_safe=False): a guess needs no overflow guard,
-  # and a 1/n multiply here shared its broadcast with the tail sum's, which
-  # XLA:CPU then wrote out as an x-sized buffer (seen in the compiled step).
-  sub = Sample(
-      lax.stop_gradient(xs).astype(jnp.float32), (0,), mask=valid,
-      axis_name=sample.axis_name, axis_index_groups=sample.axis_index_groups,
-      overflow_safe=False,
-  )
-  var = sub.average(lambda x: jnp.square(x - mu))
+  var = _subsample_sample(sample).average(lambda x: jnp.square(x - mu))
   return jnp.sqrt(jnp.maximum(var, 0.0))
 
 
-def _select(sample: Sample, k: Array):
-  """(value of x_(k), ties #{x == x_(k)}, passes) per channel; no gradient."""
-  shape = sample.channel_shape
-  n = sample.count().astype(jnp.float32)
-  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape).astype(jnp.float32)
-  empty = n == 0
+def _subsample_moments(sample: Sample):
+  """(mean, RMS deviation from it) of the strided subsample (pooled)."""
+  sub = _subsample_sample(sample)
+  mu = sub.average(lambda x: x)
+  var = sub.average(lambda x: jnp.square(x - mu))
+  return mu, jnp.sqrt(jnp.maximum(var, 0.0))
 
-  # First pass: where a normal fit with the sample's mean and standard
-  # deviation puts the quantiles t -/+ spread (t = (k - 1/2) / n). Only a
-  # guess -- the counts decide -- and cheap: the mean is shared with the
-  # deviation, the spread comes from a strided subsample (a full pass over
-  # x for a guess cost ~1/5 of a BN step; measured).
-  mu = lax.stop_gradient(sample.mean()).astype(jnp.float32)
-  sigma = _subsample_sigma(sample, mu)
+
+def _normal_fit_pivots(k, n, mu, sigma):
+  """Cold first pivots: where N(mu, sigma²) puts the levels t ∓ spread,
+  t = (k - 1/2) / n. Only a guess -- the counts decide."""
   t = (k - 0.5) / jnp.maximum(n, 1.0)
   spread = SPREAD * jnp.sqrt(t * (1 - t)) + 0.5 / jnp.maximum(n, 1.0)
   f = t[..., None] + spread[..., None] * jnp.array([-1.0, 1.0])
   z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
   guess = mu[..., None] + sigma[..., None] * z
-  pivots = jnp.clip(float_to_key(guess), -_INF_KEY, _INF_KEY)
-  lo, hi = _data_range(sample)
-  lo, hi, c_lo, c_hi = _pass(sample, k, lo, hi, jnp.zeros_like(n), n, pivots)
+  return jnp.clip(float_to_key(guess), -_INF_KEY, _INF_KEY)
+
+
+def _quantile_se(spread, n, t):
+  """Standard error of the sample t-quantile, in value units, for normal
+  data of standard deviation ``spread``: spread sqrt(t (1-t) / n) / φ(z_t).
+
+  (Asymptotic; |z_t| is capped at 5, beyond which the first bracket is wide
+  anyway.)
+  """
+  z = jnp.clip(jax.scipy.special.ndtri(jnp.clip(t, 1e-7, 1 - 1e-7)), -5, 5)
+  density = jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+  return spread * jnp.sqrt(t * (1 - t) / jnp.maximum(n, 1.0)) / density
+
+
+def _shared_guess(sample: Sample, guess: Array):
+  """(g, s): the guess of x_(k) and the spread guess, identical on every
+  device of the group; ``-inf`` marks an unusable value.
+
+  Unusable: a non-finite guess; a NaN, ±inf or negative spread (or none).
+  The counts of a pass are summed over the devices, so every device must
+  count at the same pivots: a ``pmax`` over the group (one C-sized
+  collective) makes the guesses identical whatever each device passed --
+  replicated running averages pass through unchanged, and a device without
+  a usable guess takes another device's.
+  """
+  g = lax.stop_gradient(jnp.asarray(guess, jnp.float32))
+  g = jnp.broadcast_to(g, sample.channel_shape)
+  g = jnp.where(jnp.isfinite(g), g, -jnp.inf)
+  s = sample.spread_guess
+  if s is None:
+    s = jnp.full(sample.channel_shape, -jnp.inf, jnp.float32)
+  s = jnp.where(jnp.isfinite(s) & (s >= 0), s, -jnp.inf)
+  if sample.axis_name is not None:
+    g, s = lax.pmax(
+        jnp.stack([g, s]), sample.axis_name,
+        axis_index_groups=sample.axis_index_groups,
+    )
+  return g, s
+
+
+def _guess_pivots(k, n, g, spread):
+  """The pair around a guess: ``g ∓ WARM_SE`` standard errors, as keys
+  ``(min(key(g - δ), key(g) - 1), max(key(g + δ), key(g)))``."""
+  t = (k - 0.5) / jnp.maximum(n, 1.0)
+  delta = WARM_SE * _quantile_se(spread, n, t)
+  below = jnp.minimum(float_to_key(g - delta), float_to_key(g) - 1)
+  above = jnp.maximum(float_to_key(g + delta), float_to_key(g))
+  return jnp.clip(jnp.stack([below, above], -1), -_INF_KEY, _INF_KEY)
+
+
+def _warm_pivots(sample: Sample, k, n, guess):
+  """First pivots of an exact warm start (:func:`_guess_pivots`).
+
+  Per channel, where the guess is unusable the cold normal fit takes over,
+  and where the spread is, the RMS deviation of the strided subsample from
+  the guess; that subsample is read only when some channel needs it (a
+  ``lax.cond`` on an identical predicate on every device). A spread of 0
+  makes the pair (key(g) - 1, key(g)): a constant channel equal to its
+  guess is finished by the first pass.
+  """
+  g, s = _shared_guess(sample, guess)
+  ok_g = g > -jnp.inf
+  ok_s = s > -jnp.inf
+  zeros = jnp.zeros(sample.channel_shape, jnp.float32)
+  if sample.spread_guess is None:
+    mu_s, sigma_s = _subsample_moments(sample)
+  else:
+    mu_s, sigma_s = lax.cond(
+        jnp.any(~(ok_g & ok_s)), lambda: _subsample_moments(sample),
+        lambda: (zeros, zeros),
+    )
+  center = jnp.where(ok_g, g, mu_s)
+  # Spread unknown: the RMS deviation from the guess (>= the data's sd).
+  rms = jnp.sqrt(jnp.square(sigma_s) + jnp.square(jnp.where(ok_g, g - mu_s, 0)))
+  warm = _guess_pivots(k, n, center, jnp.where(ok_s, s, rms))
+  cold = _normal_fit_pivots(k, n, mu_s, sigma_s)
+  return jnp.where(ok_g[..., None], warm, cold)
+
+
+def _min_max_unmemoized(sample: Sample):
+  """The pooled min and max, without the sample's memo (inside a
+  ``lax.cond`` branch, where the memo must not be filled)."""
+  x = lax.stop_gradient(sample.x).astype(jnp.float32)
+  mn = jnp.min(x, sample.axes, where=sample.mask, initial=jnp.inf)
+  mx = jnp.max(x, sample.axes, where=sample.mask, initial=-jnp.inf)
+  if sample.axis_name is not None:
+    groups = sample.axis_index_groups
+    mn = lax.pmin(mn, sample.axis_name, axis_index_groups=groups)
+    mx = lax.pmax(mx, sample.axis_name, axis_index_groups=groups)
+  return mn, mx
+
+
+def _range_start(sample: Sample, k, n, tolerance):
+  """(lo, hi, pivots) from the data range alone: the bracket (min, max]
+  and a normal fit to it -- midrange, and half range over the expected
+  largest standard score of n normal values, Φ⁻¹(1 - 1/(2n)) -- at the
+  levels t ∓ max(RANGE_SPREAD sqrt(t (1 - t)), tolerance / (2n))."""
+  mn, mx = _min_max_unmemoized(sample)
+  mn_key, mx_key = float_to_key(mn), float_to_key(mx)
+  # Where the float min/max may not be the keys' (NaN, ±0 and denormals,
+  # which XLA:CPU compares as zero): the whole key range.
+  unsure = lambda key: (jnp.abs(key) < _ZERO_BAND) | (key > _INF_KEY)
+  lo = jnp.where(unsure(mn_key) | (mn_key == _INF_KEY), _MIN_KEY, mn_key - 1)
+  hi = jnp.where(unsure(mx_key) | (mx_key == -_INF_KEY), _NAN_KEY, mx_key)
+  n1 = jnp.maximum(n, 1.0)
+  z_max = jax.scipy.special.ndtri(jnp.clip(1 - 0.5 / n1, 0.5, 1 - 1e-7))
+  finite = jnp.finfo(jnp.float32).max
+  mn, mx = jnp.clip(mn, -finite, finite), jnp.clip(mx, -finite, finite)
+  mid = mn / 2 + mx / 2
+  sigma = (mx / 2 - mn / 2) / jnp.maximum(z_max, 0.5)
+  t = (k - 0.5) / n1
+  width = jnp.maximum(RANGE_SPREAD * jnp.sqrt(t * (1 - t)), tolerance / (2 * n1))
+  f = t[..., None] + width[..., None] * jnp.array([-1.0, 1.0])
+  z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
+  pivots = float_to_key(mid[..., None] + sigma[..., None] * z)
+  pivots = jnp.clip(pivots, lo[..., None] + 1, hi[..., None] - 1)
+  return lo, hi, jnp.clip(pivots, -_INF_KEY, _INF_KEY)
+
+
+def _approximate_start(sample: Sample, k, n, guess, tolerance):
+  """First bracket and pivots of the approximate mode: (lo, hi, pivots).
+
+  From the guess where guess and spread are usable (bracket: the whole key
+  range); elsewhere from the data range alone (:func:`_range_start`). Only
+  exactly pooled quantities (counts, min, max, the pmax-ed guess) place the
+  pivots -- no mean or subsample, whose float sums round differently on
+  another device count or in another program -- so the final bracket is
+  the same on any number of devices.
+  """
+  shape = sample.channel_shape
+  if guess is None:
+    return _range_start(sample, k, n, tolerance)
+  g, s = _shared_guess(sample, guess)
+  ok = (g > -jnp.inf) & (s > -jnp.inf)
+  warm = _guess_pivots(k, n, jnp.where(ok, g, 0.0), jnp.where(ok, s, 0.0))
+  full = (jnp.full(shape, _MIN_KEY, jnp.int32),
+          jnp.full(shape, _NAN_KEY, jnp.int32), warm)
+  lo, hi, cold = lax.cond(
+      jnp.any(~ok), lambda: _range_start(sample, k, n, tolerance), lambda: full
+  )
+  ok_e = ok[..., None]
+  return (jnp.where(ok, full[0], lo), jnp.where(ok, full[1], hi),
+          jnp.where(ok_e, warm, cold))
+
+
+def _search(sample: Sample, k: Array, guess, tolerance=None):
+  """The counting passes: the bracket (lo, hi, c_lo, c_hi), k, n, passes.
+
+  Runs until every channel is finished (:func:`_done`), or -- with a
+  ``tolerance`` (per-channel number of values) -- until every bracket is
+  finished or holds at most that many values between two pivots of its last
+  pass (the approximate mode). The
+  bracket invariant c(lo) < k <= c(hi) holds throughout, whatever the
+  pivots (which is why a guess cannot change the result). No gradient.
+  """
+  shape = sample.channel_shape
+  n = sample.count().astype(jnp.float32)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape).astype(jnp.float32)
+  empty = n == 0
+
+  if tolerance is not None:
+    lo, hi, pivots = _approximate_start(sample, k, n, guess, tolerance)
+  elif guess is None:
+    # Cold: a normal fit with the sample's mean (shared with the deviation)
+    # and a subsample's spread (a full pass over x for a guess cost ~1/5 of
+    # a BN step; measured), inside the data range.
+    mu = lax.stop_gradient(sample.mean()).astype(jnp.float32)
+    sigma = _subsample_sigma(sample, mu)
+    pivots = _normal_fit_pivots(k, n, mu, sigma)
+    lo, hi = _data_range(sample)
+  else:
+    # Warm: no mean, no data range -- the whole key range, c(lo) = 0 and
+    # c(hi) = n by definition. If the pivots miss, the ±inf end makes the
+    # pass snap to the data (what the data range would have cost anyway).
+    pivots = _warm_pivots(sample, k, n, guess)
+    lo = jnp.full(shape, _MIN_KEY, jnp.int32)
+    hi = jnp.full(shape, _NAN_KEY, jnp.int32)
+  lo, hi, c_lo, c_hi, hit = _pass(
+      sample, k, lo, hi, jnp.zeros_like(n), n, pivots
+  )
   # An empty channel: bracket (-1, 0] -> value 0.
   lo = jnp.where(empty, -1, lo)
   hi = jnp.where(empty, 0, hi)
   c_lo = jnp.where(empty, 0.0, c_lo)
   c_hi = jnp.where(empty, 0.0, c_hi)
 
+  def finished(lo, hi, c_lo, c_hi, hit):
+    done = _done(lo, hi, c_lo, c_hi)
+    if tolerance is not None:
+      # Small enough to interpolate in, and both ends fresh counts around
+      # the target (not a pivot and a far data extreme after a miss).
+      done = done | (hit & (c_hi - c_lo <= tolerance))
+    return done
+
+  # The approximate mode's pairs span half the tolerance: after a miss the
+  # next pass likely straddles the target with a bracket that is small
+  # enough (narrow exact-mode pairs straddle ~2/3 of the time, and one
+  # channel in C that misses costs every channel a pass).
+  min_half = None if tolerance is None else tolerance / 4
+
   limit = max_passes()
 
   def cond(state):
-    lo, hi, c_lo, c_hi, i = state
-    return jnp.any(~_done(lo, hi, c_lo, c_hi)) & (i < limit)
+    *bracket, i = state
+    return jnp.any(~finished(*bracket)) & (i < limit)
 
   def body(state):
-    lo, hi, c_lo, c_hi, i = state
-    pivots = _next_pivots(k, lo, hi, c_lo, c_hi, i >= BISECT_AFTER)
-    lo, hi, c_lo, c_hi = _pass(sample, k, lo, hi, c_lo, c_hi, pivots)
-    return lo, hi, c_lo, c_hi, i + 1
+    lo, hi, c_lo, c_hi, _, i = state
+    pivots = _next_pivots(k, lo, hi, c_lo, c_hi, i >= BISECT_AFTER, min_half)
+    lo, hi, c_lo, c_hi, hit = _pass(sample, k, lo, hi, c_lo, c_hi, pivots)
+    return lo, hi, c_lo, c_hi, hit, i + 1
 
-  lo, hi, c_lo, c_hi, passes = lax.while_loop(
-      cond, body, (lo, hi, c_lo, c_hi, jnp.int32(1))
+  lo, hi, c_lo, c_hi, _, passes = lax.while_loop(
+      cond, body, (lo, hi, c_lo, c_hi, hit, jnp.int32(1))
   )
+  return lo, hi, c_lo, c_hi, k, n, passes
+
+
+def _select(sample: Sample, k: Array, guess=None):
+  """(value of x_(k), ties #{x == x_(k)}, passes) per channel; no gradient.
+
+  ``guess``: a per-channel guess of x_(k) (warm start), or None.
+  """
+  lo, hi, c_lo, c_hi, _, _, passes = _search(sample, k, guess)
   # A channel that ended with one value in a wider key range: that value is
   # x_(k) -- the largest (only) one in (lo, hi]. One reduction, all channels.
   hi = lax.cond(
@@ -561,6 +848,48 @@ def _select(sample: Sample, k: Array):
   )
   value = key_to_float(hi).astype(sample.x.dtype)
   return value, c_hi - c_lo, passes
+
+
+def _approximate_tolerance(k, n):
+  """Values a finished approximate bracket may hold (see APPROX_BRACKET_SE)."""
+  t = (k - 0.5) / jnp.maximum(n, 1.0)
+  return APPROX_BRACKET_SE * jnp.sqrt(n * t * (1 - t))
+
+
+def _select_approximate(sample: Sample, k: Array, guess=None):
+  """(q̂, bracket (lo, hi], its count m, passes): the search stopped at the
+  approximate tolerance, q̂ interpolated in the final bracket; no gradient.
+
+  q̂ lies in (lo, hi] and c(lo) < k <= c(hi), so #{x <= q̂} is within m of
+  k. Where the bracket is finished exactly (one key, or m <= 1) q̂ = hi:
+  then c(q̂) = c(hi) = k (one value) or q̂ = x_(k) (one key), and an end at
+  ±inf or NaN (a first pass that missed, then finished) is read off the data
+  (one reduction, only then).
+  """
+  lo, hi, c_lo, c_hi, k, n, passes = _search(
+      sample, k, guess, _approximate_tolerance(k, sample.count())
+  )
+  m = c_hi - c_lo
+  exact = (lo + 1 == hi) | (m <= 1)
+  hi = lax.cond(
+      jnp.any(exact & _unbounded(lo, hi)),
+      lambda: jnp.where(
+          exact & _unbounded(lo, hi),
+          _extreme_in(sample, lo, hi, largest=True), hi,
+      ),
+      lambda: hi,
+  )
+  # Rank interpolation across the bracket, as for the pivots: the m values
+  # spread evenly, rank j at fraction (j - 1/2) / m.
+  finite = _INF_KEY - 1
+  a = key_to_float(jnp.clip(lo, -finite, finite))
+  b = key_to_float(jnp.clip(hi, -finite, finite))
+  f = jnp.clip((k - c_lo - 0.5) / jnp.maximum(m, 1.0), 0.0, 1.0)
+  between = a * (1.0 - f) + b * f
+  # Keep it in (lo, hi] (rounding), as a key.
+  inside = jnp.clip(float_to_key(between), lo + 1, hi)
+  q = key_to_float(jnp.where(exact, hi, inside))
+  return q.astype(sample.x.dtype), lo, hi, m, passes
 
 
 # --------------------------------------------------------------------------
@@ -606,6 +935,26 @@ def _attach_gradient(sample: Sample, value: Array, ties: Array) -> Array:
   return lax.stop_gradient(value) + sample.sum(zeros)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _bracket_zeros(axes, x, lo, hi, inv_m, valid):
+  """Zeros with derivative x_dot * [lo < key(x) <= hi] / m (masked): the
+  gradient of the mean of the values in the bracket (elementwise)."""
+  del lo, hi, inv_m, valid
+  return jnp.zeros_like(x)
+
+
+@_bracket_zeros.defjvp
+def _bracket_zeros_jvp(axes, primals, tangents):
+  x, lo, hi, inv_m, valid = primals
+  key = float_to_key(x)
+  lo, hi = jnp.expand_dims(lo, axes), jnp.expand_dims(hi, axes)
+  inside = (key > lo) & (key <= hi)
+  if valid is not None:
+    inside = inside & valid
+  w = jnp.where(inside, jnp.expand_dims(inv_m, axes), jnp.zeros_like(x))
+  return jnp.zeros_like(x), tangents[0] * w
+
+
 # --------------------------------------------------------------------------
 # Public API.
 # --------------------------------------------------------------------------
@@ -617,42 +966,76 @@ def _use_engine(sample: Sample) -> bool:
   return jnp.dtype(sample.x.dtype).itemsize <= 4
 
 
-def kth_smallest(sample: Sample, k: Array) -> Array:
+def kth_smallest(
+    sample: Sample, k: Array, *, guess: Array | None = None
+) -> Array:
   """x_(k): the k-th smallest valid value of each channel (1-based ``k``).
 
   ``k`` (int32, channel shape) lies in [1, n]; an empty channel gives 0.
   Exact (equal to the sort's value); gradient ``g [x == x_(k)] / #ties``.
+  ``guess`` (channel shape): where the search starts (see
+  :class:`~gbn_jax.sample.Sample`'s ``quantile_guess``); it changes the
+  number of passes, never the value.
   """
   if not _use_engine(sample):
     return kth_smallest_by_sort(sample, k)
-  value, ties, _ = _select(sample, k)
+  value, ties, _ = _select(sample, k, guess)
   return _attach_gradient(sample, value, ties)
 
 
-def selection_passes(sample: Sample, k: Array) -> Array:
-  """How many counting passes the engine takes for this sample and rank."""
-  return _select(sample, k)[2]
+def selection_passes(
+    sample: Sample, k: Array, *, guess: Array | None = None
+) -> Array:
+  """How many counting passes the exact engine takes for this sample and
+  rank (from ``guess`` if given, else cold)."""
+  return _select(sample, k, guess)[2]
+
+
+def quantile_passes(sample: Sample, alpha: float) -> Array:
+  """How many counting passes :func:`quantile` takes for ``sample`` as it
+  is configured (its guess of q_α, approximate or exact)."""
+  k = quantile_rank(alpha, sample.count())
+  guess = sample.guess_for(alpha)
+  if sample.approximate:
+    return _select_approximate(sample, k, guess)[4]
+  return _select(sample, k, guess)[2]
 
 
 def approximate_quantile(sample: Sample, alpha: float) -> Array:
-  """q_α of a strided subsample (<= APPROX_SUBSAMPLE_SIZE per channel/device).
+  """q̂_α: the exact engine stopped at a bracket of at most
+  ``APPROX_BRACKET_SE`` standard errors, q_α interpolated inside it.
 
-  The subsample's ``ceil(α m)``-th smallest valid value (found by the same
-  counting engine, on the small subsample), averaged over the devices of the
-  group; gradient 1 at the selected subsample element(s) (shared among
-  ties), divided among devices by the average. A channel whose subsample has
-  no valid value gives 0.
+  Warm-started from ``sample``'s guess of q_α when it has one. The bracket
+  (lo, hi] always holds x_(k), so ``|#{x <= q̂} - k| <= m``, m the values in
+  it (the module docstring states the bound). Counts are pooled over the
+  devices, so q̂ is identical on every device. Gradient: that of the mean of
+  the m values in the bracket, ``g [lo < x <= hi] / m`` (x_(k)'s own
+  gradient where the bracket holds one value or one key).
   """
-  x, valid = _subsample(sample, APPROX_SUBSAMPLE_SIZE)
-  sub = Sample(x, (0,), mask=valid)  # local: the average pools devices
-  q = kth_smallest(sub, quantile_rank(alpha, sub.count()))
-  return _device_mean(sample, q)
+  k = quantile_rank(alpha, sample.count())
+  if not _use_engine(sample):
+    return kth_smallest_by_sort(sample, k)
+  q, lo, hi, m, _ = _select_approximate(sample, k, sample.guess_for(alpha))
+  inv = (1.0 / jnp.maximum(m, 1.0)).astype(sample.x.dtype)
+  zeros = _bracket_zeros(
+      sample.axes, sample.x, lo, hi, lax.stop_gradient(inv), sample.mask
+  )
+  return lax.stop_gradient(q) + sample.sum(zeros)
+
+
+def approximate_bracket(sample: Sample, alpha: float):
+  """(q̂_α, m): the approximate quantile and the number of values m in its
+  final bracket -- ``|#{x <= q̂} - ceil(α n)| <= m`` (diagnostics, tests)."""
+  k = quantile_rank(alpha, sample.count())
+  q, _, _, m, _ = _select_approximate(sample, k, sample.guess_for(alpha))
+  return q, m
 
 
 def quantile(sample: Sample, alpha: float) -> Array:
   """q_alpha = x_(k), k = ceil(alpha n) clipped to [1, n] (memoised per alpha).
 
-  With ``sample.approximate`` the subsample estimate of
+  Starts from ``sample``'s guess of q_α where it has one (same result, fewer
+  passes). With ``sample.approximate`` the estimate of
   :func:`approximate_quantile` instead.
   """
   if getattr(sample, "approximate", False):
@@ -660,10 +1043,15 @@ def quantile(sample: Sample, alpha: float) -> Array:
         ("approx_quantile", float(alpha)),
         lambda: approximate_quantile(sample, alpha),
     )
-  return sample.memo(
-      ("quantile", float(alpha)),
-      lambda: kth_smallest(sample, quantile_rank(alpha, sample.count())),
-  )
+
+  def compute():
+    k = quantile_rank(alpha, sample.count())
+    guess = sample.guess_for(alpha)
+    if guess is None:  # the two-argument call (tests swap kth_smallest)
+      return kth_smallest(sample, k)
+    return kth_smallest(sample, k, guess=guess)
+
+  return sample.memo(("quantile", float(alpha)), compute)
 
 
 # --------------------------------------------------------------------------
@@ -697,8 +1085,10 @@ def sorted_values(sample: Sample) -> Array:
   return sample.memo("sorted", compute)
 
 
-def kth_smallest_by_sort(sample: Sample, k: Array) -> Array:
-  """Reference x_(k) by sorting (JAX's gradient: 1 at the selected element)."""
+def kth_smallest_by_sort(sample: Sample, k: Array, *, guess=None) -> Array:
+  """Reference x_(k) by sorting (JAX's gradient: 1 at the selected element);
+  ``guess`` is ignored."""
+  del guess
   s = sorted_values(sample)
   idx = jnp.broadcast_to(jnp.asarray(k, jnp.int32) - 1, sample.channel_shape)
   v = jnp.take_along_axis(s, idx[..., None], axis=-1)[..., 0]

@@ -14,7 +14,7 @@ need, say, the mean or the same quantile compute it once per trace.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -105,6 +105,48 @@ def clip_value(raw: Array, lo: Array, hi: Array) -> Array:
   return jnp.where(jnp.isfinite(raw), guarded, fallback)
 
 
+def level_key(alpha) -> float:
+  """A quantile level as the rank rule sees it (float32), for dict lookups."""
+  return float(np.float32(alpha))
+
+
+def _per_channel(v, channel_shape, name) -> Array:
+  """``v`` as float32 of ``channel_shape`` (broadcast), without a gradient."""
+  v = jnp.asarray(v)
+  if not (jnp.issubdtype(v.dtype, jnp.floating)
+          or jnp.issubdtype(v.dtype, jnp.integer)):
+    raise TypeError(f"{name} must be a real array; got dtype {v.dtype}")
+  try:
+    v = jnp.broadcast_to(v, channel_shape)
+  except ValueError:
+    raise ValueError(
+        f"{name} of shape {v.shape} does not broadcast to the channel shape"
+        f" {channel_shape}"
+    ) from None
+  return lax.stop_gradient(v.astype(jnp.float32))
+
+
+def _check_quantile_guess(guess, channel_shape):
+  """``{float32 level: per-channel guess}``, or None."""
+  if guess is None:
+    return None
+  if not isinstance(guess, Mapping):
+    raise TypeError(
+        "quantile_guess must map levels α to per-channel guesses of q_α"
+        f" (a dict); got {type(guess).__name__}"
+    )
+  out = {}
+  for alpha, v in guess.items():
+    if isinstance(alpha, bool) or not isinstance(
+        alpha, (int, float, np.floating, np.integer)
+    ):
+      raise TypeError(f"quantile_guess keys must be levels α; got {alpha!r}")
+    out[level_key(alpha)] = _per_channel(
+        v, channel_shape, f"quantile_guess[{alpha!r}]"
+    )
+  return out
+
+
 def reduction_dtype(x_dtype, dtype=None, force_float32: bool = True):
   """The dtype statistics are computed in: at least float32, as in Flax."""
   dtype = x_dtype if dtype is None else dtype
@@ -126,13 +168,25 @@ class Sample:
     mask: ``None`` or a boolean array of ``x.shape`` (True = counts).
     axis_name: named axis whose devices pool their values (pmap / shard_map).
     axis_index_groups: optional groups of that axis, as in ``lax.psum``.
-    approximate: quantiles from a strided subsample instead of exactly (an
-      opt-in for speed; see ``order_statistics.approximate_quantile``).
+    approximate: quantiles interpolated inside a small bracket found by one
+      or two counting passes, instead of exactly (an opt-in for speed, with
+      a stated error bound; see ``order_statistics``, Approximate mode).
     overflow_safe: averages that stay finite for finite values near the
       float32 limits (a little slower; see :meth:`average`). The functional
       core turns it off when the mean is paired with a mean-based deviation,
       whose sums (of squares, for std) must fit in float32 anyway; the mean
       itself is always overflow-safe.
+    quantile_guess: ``{α: guess of q_α}`` (float32, ``channel_shape``), or
+      None: where the selection of ``order_statistics.quantile(sample, α)``
+      starts (warm start). Keys are matched as float32 levels. Only the
+      number of counting passes depends on it, never the result: a NaN,
+      ±inf or far-off guess costs passes (a non-finite one starts that
+      channel cold). Under ``axis_name`` the devices' guesses are made
+      identical inside the selection (see ``order_statistics``).
+    spread_guess: ``channel_shape`` float32, or None: the data's spread (a
+      standard deviation, >= 0), which sizes the first bracket around a
+      guess. 0 suits a constant channel; NaN, ±inf or negative values mean
+      "unknown" (the spread is then estimated from a strided subsample).
   """
 
   def __init__(
@@ -147,6 +201,8 @@ class Sample:
       force_float32_reductions: bool = True,
       approximate: bool = False,
       overflow_safe: bool = True,
+      quantile_guess: Mapping[float, Array] | None = None,
+      spread_guess: Array | None = None,
   ):
     x = jnp.asarray(x)
     if not isinstance(approximate, bool):
@@ -178,7 +234,7 @@ class Sample:
       self.x = jnp.where(mask, self.x, jnp.zeros_like(self.x))
     self.axis_name = axis_name
     self.axis_index_groups = axis_index_groups
-    # Quantiles from a subsample (order_statistics.approximate_quantile).
+    # Quantiles to a stated tolerance (order_statistics.approximate_quantile).
     self.approximate = approximate
     # Averages as Σ (f(x) / n), finite near the float32 limits (average).
     self.overflow_safe = overflow_safe
@@ -188,7 +244,23 @@ class Sample:
     self.local_size = 1
     for a in self.axes:
       self.local_size *= x.shape[a]
+    # Warm start of the selection (order_statistics.quantile): per-channel
+    # float32 guesses, never differentiated.
+    self.quantile_guess = _check_quantile_guess(
+        quantile_guess, self.channel_shape
+    )
+    self.spread_guess = None
+    if spread_guess is not None:
+      self.spread_guess = _per_channel(
+          spread_guess, self.channel_shape, "spread_guess"
+      )
     self._memo: dict[Any, Any] = {}
+
+  def guess_for(self, alpha: float) -> Array | None:
+    """The guess of q_α (``quantile_guess`` matched as a float32 level)."""
+    if not self.quantile_guess:
+      return None
+    return self.quantile_guess.get(level_key(alpha))
 
   # -- plumbing -------------------------------------------------------------
 

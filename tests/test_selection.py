@@ -283,19 +283,26 @@ def test_approximate_mode_error_vs_exact():
     c_ex, d_ex = gbn_jax.batch_statistics(x, **kw)
     c_ap, d_ap = gbn_jax.batch_statistics(x, approximate=True, **kw)
     assert not np.array_equal(c_ap, c_ex)  # it is a different estimator
-    # Rank of the approximate quantile within the full sample: within
-    # 4 standard errors of a 128-value subsample quantile.
+    # Rank of the approximate quantile within the full sample: inside its
+    # final bracket of m values, m within the documented tolerance
+    # (order_statistics: Approximate mode); test_warm_start.py checks the
+    # bound on heavy-tailed and skewed data.
+    s = Sample(x, (0, 1, 2), approximate=True)
+    q, m = jax.jit(lambda s=s: O.approximate_bracket(s, alpha))()
+    # (Cold, the first pivots come from the mean, whose rounding differs
+    # between the two programs: a nearby bracket.)
+    np.testing.assert_allclose(q, c_ap, rtol=1e-3)
     xs = np.asarray(x).reshape(n, 6)
-    rank = (xs <= np.asarray(c_ap)).mean(0)
-    se = np.sqrt(alpha * (1 - alpha) / O.APPROX_SUBSAMPLE_SIZE)
-    assert np.all(np.abs(rank - alpha) < 4 * se + 1.0 / O.APPROX_SUBSAMPLE_SIZE)
+    k = int(np.ceil(np.float32(alpha) * n))
+    assert np.all(np.abs((xs <= np.asarray(q)).sum(0) - k) <= np.asarray(m))
+    t = (k - 0.5) / n
+    assert np.all(np.asarray(m) <= O.APPROX_BRACKET_SE * np.sqrt(n * t * (1 - t)))
     # Rockafellar–Uryasev at any point bounds the superquantile from above,
     # and the error is second order: small relative to the deviation.
     assert np.all(np.asarray(d_ap) >= np.asarray(d_ex) - 1e-5 * np.abs(d_ex))
-    np.testing.assert_allclose(d_ap, d_ex, rtol=0.05)
+    np.testing.assert_allclose(d_ap, d_ex, rtol=0.01)
 
 
-@pytest.mark.slow
 def test_approximate_mode_module_and_validation():
   x = jnp.asarray(np.random.default_rng(6).standard_normal((32, 4)), jnp.float32)
   m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, approximate=True)
