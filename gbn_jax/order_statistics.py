@@ -1,7 +1,7 @@
 """Exact order statistics of a :class:`~gbn_jax.sample.Sample`, by counting.
 
 Everything the catalogue needs from the ordering of a sample goes through
-:func:`kth_smallest`; :func:`quantile` adds the rank rule of SPEC §2.
+:func:`kth_smallest`; :func:`quantile` adds the rank rule of docs/SPEC.md §2.
 
 The rank rule: ``k = ceil(alpha * n)`` clipped to ``[1, n]`` (NumPy's
 ``method="inverted_cdf"``). ``alpha`` is taken as a float32 and the product
@@ -19,9 +19,9 @@ Each float32 value maps to an int32 *key* that orders like the float:
 ``jnp.sort``). Compares against a bound run on the floats where that is
 exact and on the integer keys where it is not (bounds among ±0 and the
 denormals, which XLA:CPU compares as zero), so denormals stay exact without
-an x-sized key array in the common case. Per channel the engine keeps a bracket of
-keys ``(lo, hi]`` with ``c(lo) < k <= c(hi)``, ``c(p) = #{valid x : key(x)
-<= p}``. A pass
+an x-sized key array in the common case. Per channel the engine keeps a
+bracket of keys ``(lo, hi]`` with ``c(lo) < k <= c(hi)``,
+``c(p) = #{valid x : key(x) <= p}``. A pass
 
 1. counts the values at two per-channel pivots -- one masked sum of
    ``[x <= p_0] + 2**16 [x <= p_1]`` in uint32 while a device holds fewer
@@ -96,15 +96,16 @@ exactly when ``k > n - j`` (and every deviation of that channel is NaN
 anyway). Channels never interact: a NaN changes only its own channel. An
 empty channel gives 0.
 
-Gradient (SPEC §3): ``dx = g * [x == x_(k)] / #{x == x_(k)}`` -- ties share
-the unit of gradient, an allowed subgradient; without ties it is the sort's
-gradient exactly. It is attached with a ``jax.custom_jvp`` (so forward mode
-works too) whose primal is free and whose derivative is elementwise; the
-backward needs ``x`` and per-channel values only. The cross-device part of
-the gradient goes through the same ``psum`` as every other reduction of the
-sample, so ``pmap``/``shard_map`` differentiate it as they differentiate the
-mean. With or without a guess the gradient is the same (it depends on
-``x_(k)`` and its ties only).
+Gradient (docs/SPEC.md §3): ``dx = g * [x == x_(k)] / #{x == x_(k)}`` -- ties
+share the unit of gradient, an allowed subgradient; without ties it is the
+sort's gradient exactly. It is attached with a ``jax.custom_jvp`` (so forward
+mode works too) whose primal is free and whose derivative is elementwise; the
+backward needs ``x`` and per-channel values only. The cross-device part of the
+gradient goes through the same ``psum`` as every other reduction of the sample,
+so ``pmap``/``shard_map`` differentiate it as they differentiate the mean. With
+or without a guess the gradient is the same (it depends on ``x_(k)`` and its
+ties only).
+
 
 Approximate mode (``Sample(approximate=True)``)
 -----------------------------------------------
@@ -208,7 +209,7 @@ _NAN_KEY = _INF_KEY + 1  # every NaN: after +inf, as jnp.sort puts it
 
 
 def quantile_rank(alpha: float, n: Array) -> Array:
-  """k = ceil(alpha * n) clipped to [1, max(n, 1)], as int32 (float32 product)."""
+  """k = ceil(alpha * n) clipped to [1, max(n, 1)], int32 (float32 product)."""
   n = jnp.asarray(n, jnp.float32)
   k = jnp.ceil(jnp.float32(alpha) * n)
   k = jnp.clip(k, 1.0, jnp.maximum(n, 1.0))
@@ -258,7 +259,7 @@ def _channels_last(sample: Sample, values: Array) -> Array:
   """Move the reduction axes to the end and flatten them: (*channels, m)."""
   keep = [i for i in range(values.ndim) if i not in sample.axes]
   values = jnp.transpose(values, keep + list(sample.axes))
-  return values.reshape(sample.channel_shape + (-1,))
+  return values.reshape((*sample.channel_shape, -1))
 
 
 def _axes_lead(sample: Sample) -> bool:
@@ -274,7 +275,7 @@ def _reduction_first(sample: Sample, values: Array) -> Array:
   if not _axes_lead(sample):
     rest = [i for i in range(values.ndim) if i not in sample.axes]
     values = jnp.transpose(values, list(sample.axes) + rest)
-  return values.reshape((-1,) + sample.channel_shape)
+  return values.reshape((-1, *sample.channel_shape))
 
 
 def _subsample(sample: Sample, size: int):
@@ -385,7 +386,7 @@ def _count_pair_packed(sample: Sample, pivots: Array) -> Array:
   # more than it saves).
   view, axes = None, sample.axes
   if _axes_lead(sample):
-    view, axes = functools.partial(_reduction_first, sample), 0
+    view, axes = functools.partial(_reduction_first, sample), (0,)
   mask = sample.mask
   if mask is not None and view is not None:
     mask = view(mask)
@@ -406,7 +407,7 @@ def _counts(sample: Sample, pivots: Array) -> Array:
   if pivots.shape[-1] == 2 and sample.local_size < 2**_PACK_BITS:
     return _count_pair_packed(sample, pivots)
   return jnp.stack(
-      [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])], -1
+    [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])], -1
   )
 
 
@@ -450,7 +451,7 @@ def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
     return sample.pmax(key) if largest else sample.pmin(key)
 
   bounds_in_band = _in_band(jnp.clip(lo, -_INF_KEY, _INF_KEY)) | _in_band(
-      jnp.clip(hi, -_INF_KEY, _INF_KEY)
+    jnp.clip(hi, -_INF_KEY, _INF_KEY)
   )
   key = reduce(lax.cond(bounds_in_band, by_key, by_float, None))
   ambiguous = _in_band(key)
@@ -552,7 +553,7 @@ def _pass(sample, k, lo, hi, c_lo, c_hi, pivots):
   open_ = ~_done(lo, hi, c_lo, c_hi)
   need = open_ & (_unbounded(lo, hi) | (c_hi - c_lo >= m_old))
   lo, hi = lax.cond(
-      jnp.any(need), lambda: _snap(sample, lo, hi), lambda: (lo, hi)
+    jnp.any(need), lambda: _snap(sample, lo, hi), lambda: (lo, hi)
   )
   return lo, hi, c_lo, c_hi, hit
 
@@ -582,9 +583,12 @@ def _subsample_sample(sample: Sample) -> Sample:
   # and a 1/n multiply here shared its broadcast with the tail sum's, which
   # XLA:CPU then wrote out as an x-sized buffer (seen in the compiled step).
   return Sample(
-      lax.stop_gradient(xs).astype(jnp.float32), (0,), mask=valid,
-      axis_name=sample.axis_name, axis_index_groups=sample.axis_index_groups,
-      overflow_safe=False,
+    lax.stop_gradient(xs).astype(jnp.float32),
+    (0,),
+    mask=valid,
+    axis_name=sample.axis_name,
+    axis_index_groups=sample.axis_index_groups,
+    overflow_safe=False,
   )
 
 
@@ -649,8 +653,9 @@ def _shared_guess(sample: Sample, guess: Array):
   s = jnp.where(jnp.isfinite(s) & (s >= 0), s, -jnp.inf)
   if sample.axis_name is not None:
     g, s = lax.pmax(
-        jnp.stack([g, s]), sample.axis_name,
-        axis_index_groups=sample.axis_index_groups,
+      jnp.stack([g, s]),
+      sample.axis_name,
+      axis_index_groups=sample.axis_index_groups,
     )
   return g, s
 
@@ -683,8 +688,9 @@ def _warm_pivots(sample: Sample, k, n, guess):
     mu_s, sigma_s = _subsample_moments(sample)
   else:
     mu_s, sigma_s = lax.cond(
-        jnp.any(~(ok_g & ok_s)), lambda: _subsample_moments(sample),
-        lambda: (zeros, zeros),
+      jnp.any(~(ok_g & ok_s)),
+      lambda: _subsample_moments(sample),
+      lambda: (zeros, zeros),
     )
   center = jnp.where(ok_g, g, mu_s)
   # Spread unknown: the RMS deviation from the guess (>= the data's sd).
@@ -726,7 +732,9 @@ def _range_start(sample: Sample, k, n, tolerance):
   mid = mn / 2 + mx / 2
   sigma = (mx / 2 - mn / 2) / jnp.maximum(z_max, 0.5)
   t = (k - 0.5) / n1
-  width = jnp.maximum(RANGE_SPREAD * jnp.sqrt(t * (1 - t)), tolerance / (2 * n1))
+  width = jnp.maximum(
+    RANGE_SPREAD * jnp.sqrt(t * (1 - t)), tolerance / (2 * n1)
+  )
   f = t[..., None] + width[..., None] * jnp.array([-1.0, 1.0])
   z = jax.scipy.special.ndtri(jnp.clip(f, 1e-7, 1 - 1e-7))
   pivots = float_to_key(mid[..., None] + sigma[..., None] * z)
@@ -750,14 +758,20 @@ def _approximate_start(sample: Sample, k, n, guess, tolerance):
   g, s = _shared_guess(sample, guess)
   ok = (g > -jnp.inf) & (s > -jnp.inf)
   warm = _guess_pivots(k, n, jnp.where(ok, g, 0.0), jnp.where(ok, s, 0.0))
-  full = (jnp.full(shape, _MIN_KEY, jnp.int32),
-          jnp.full(shape, _NAN_KEY, jnp.int32), warm)
+  full = (
+    jnp.full(shape, _MIN_KEY, jnp.int32),
+    jnp.full(shape, _NAN_KEY, jnp.int32),
+    warm,
+  )
   lo, hi, cold = lax.cond(
-      jnp.any(~ok), lambda: _range_start(sample, k, n, tolerance), lambda: full
+    jnp.any(~ok), lambda: _range_start(sample, k, n, tolerance), lambda: full
   )
   ok_e = ok[..., None]
-  return (jnp.where(ok, full[0], lo), jnp.where(ok, full[1], hi),
-          jnp.where(ok_e, warm, cold))
+  return (
+    jnp.where(ok, full[0], lo),
+    jnp.where(ok, full[1], hi),
+    jnp.where(ok_e, warm, cold),
+  )
 
 
 def _search(sample: Sample, k: Array, guess, tolerance=None):
@@ -793,7 +807,7 @@ def _search(sample: Sample, k: Array, guess, tolerance=None):
     lo = jnp.full(shape, _MIN_KEY, jnp.int32)
     hi = jnp.full(shape, _NAN_KEY, jnp.int32)
   lo, hi, c_lo, c_hi, hit = _pass(
-      sample, k, lo, hi, jnp.zeros_like(n), n, pivots
+    sample, k, lo, hi, jnp.zeros_like(n), n, pivots
   )
   # An empty channel: bracket (-1, 0] -> value 0.
   lo = jnp.where(empty, -1, lo)
@@ -828,7 +842,7 @@ def _search(sample: Sample, k: Array, guess, tolerance=None):
     return lo, hi, c_lo, c_hi, hit, i + 1
 
   lo, hi, c_lo, c_hi, _, passes = lax.while_loop(
-      cond, body, (lo, hi, c_lo, c_hi, hit, jnp.int32(1))
+    cond, body, (lo, hi, c_lo, c_hi, hit, jnp.int32(1))
   )
   return lo, hi, c_lo, c_hi, k, n, passes
 
@@ -842,9 +856,9 @@ def _select(sample: Sample, k: Array, guess=None):
   # A channel that ended with one value in a wider key range: that value is
   # x_(k) -- the largest (only) one in (lo, hi]. One reduction, all channels.
   hi = lax.cond(
-      jnp.any(lo + 1 != hi),
-      lambda: _extreme_in(sample, lo, hi, largest=True),
-      lambda: hi,
+    jnp.any(lo + 1 != hi),
+    lambda: _extreme_in(sample, lo, hi, largest=True),
+    lambda: hi,
   )
   value = key_to_float(hi).astype(sample.x.dtype)
   return value, c_hi - c_lo, passes
@@ -866,18 +880,19 @@ def _select_approximate(sample: Sample, k: Array, guess=None):
   ±inf or NaN (a first pass that missed, then finished) is read off the data
   (one reduction, only then).
   """
-  lo, hi, c_lo, c_hi, k, n, passes = _search(
-      sample, k, guess, _approximate_tolerance(k, sample.count())
+  lo, hi, c_lo, c_hi, k, _n, passes = _search(
+    sample, k, guess, _approximate_tolerance(k, sample.count())
   )
   m = c_hi - c_lo
   exact = (lo + 1 == hi) | (m <= 1)
   hi = lax.cond(
-      jnp.any(exact & _unbounded(lo, hi)),
-      lambda: jnp.where(
-          exact & _unbounded(lo, hi),
-          _extreme_in(sample, lo, hi, largest=True), hi,
-      ),
-      lambda: hi,
+    jnp.any(exact & _unbounded(lo, hi)),
+    lambda: jnp.where(
+      exact & _unbounded(lo, hi),
+      _extreme_in(sample, lo, hi, largest=True),
+      hi,
+    ),
+    lambda: hi,
   )
   # Rank interpolation across the bracket, as for the pivots: the m values
   # spread evenly, rank j at fraction (j - 1/2) / m.
@@ -929,8 +944,11 @@ def _attach_gradient(sample: Sample, value: Array, ties: Array) -> Array:
   """
   inv = (1.0 / jnp.maximum(ties, 1)).astype(sample.x.dtype)
   zeros = _tie_zeros(
-      sample.axes, sample.x, lax.stop_gradient(value), lax.stop_gradient(inv),
-      sample.mask,
+    sample.axes,
+    sample.x,
+    lax.stop_gradient(value),
+    lax.stop_gradient(inv),
+    sample.mask,
   )
   return lax.stop_gradient(value) + sample.sum(zeros)
 
@@ -967,7 +985,7 @@ def _use_engine(sample: Sample) -> bool:
 
 
 def kth_smallest(
-    sample: Sample, k: Array, *, guess: Array | None = None
+  sample: Sample, k: Array, *, guess: Array | None = None
 ) -> Array:
   """x_(k): the k-th smallest valid value of each channel (1-based ``k``).
 
@@ -984,7 +1002,7 @@ def kth_smallest(
 
 
 def selection_passes(
-    sample: Sample, k: Array, *, guess: Array | None = None
+  sample: Sample, k: Array, *, guess: Array | None = None
 ) -> Array:
   """How many counting passes the exact engine takes for this sample and
   rank (from ``guess`` if given, else cold)."""
@@ -1018,7 +1036,7 @@ def approximate_quantile(sample: Sample, alpha: float) -> Array:
   q, lo, hi, m, _ = _select_approximate(sample, k, sample.guess_for(alpha))
   inv = (1.0 / jnp.maximum(m, 1.0)).astype(sample.x.dtype)
   zeros = _bracket_zeros(
-      sample.axes, sample.x, lo, hi, lax.stop_gradient(inv), sample.mask
+    sample.axes, sample.x, lo, hi, lax.stop_gradient(inv), sample.mask
   )
   return lax.stop_gradient(q) + sample.sum(zeros)
 
@@ -1040,8 +1058,8 @@ def quantile(sample: Sample, alpha: float) -> Array:
   """
   if getattr(sample, "approximate", False):
     return sample.memo(
-        ("approx_quantile", float(alpha)),
-        lambda: approximate_quantile(sample, alpha),
+      ("approx_quantile", float(alpha)),
+      lambda: approximate_quantile(sample, alpha),
     )
 
   def compute():
@@ -1074,11 +1092,11 @@ def sorted_values(sample: Sample) -> Array:
     x = _channels_last(sample, x)
     if sample.axis_name is not None:
       x = lax.all_gather(
-          x,
-          sample.axis_name,
-          axis_index_groups=sample.axis_index_groups,
-          axis=x.ndim - 1,
-          tiled=True,
+        x,
+        sample.axis_name,
+        axis_index_groups=sample.axis_index_groups,
+        axis=x.ndim - 1,
+        tiled=True,
       )
     return jnp.sort(x, axis=-1)
 

@@ -1,10 +1,11 @@
-"""The sample of each feature channel: values over the batch axes, a mask, devices.
+"""The sample of each feature channel: batch-axes values, a mask, devices.
 
-SPEC §1: for one channel the sample is the values of ``x`` over the reduction
-axes, restricted by ``mask`` and, with an ``axis_name``, pooled over every
-device of the group. Every measure in the catalogue is written against this
-object, so masks and devices are handled in one place and a measure is a few
-lines of math.
+docs/SPEC.md §1: for one channel the sample is the values of ``x`` over the
+reduction axes, restricted by ``mask`` and, with an ``axis_name``, pooled over
+every device of the group. Every measure in the catalogue is written against
+this object, so masks and devices are handled in one place and a measure is a
+few lines of math.
+
 
 A :class:`Sample` is built inside the traced function (it holds traced arrays)
 and memoises what it has computed, so a statistic and a deviation that both
@@ -32,8 +33,8 @@ def check_floating_input(x) -> None:
     dt = jnp.asarray(x).dtype
   if not jnp.issubdtype(dt, jnp.floating):
     raise TypeError(
-        f"gbn_jax normalizes floating-point input; got dtype {dt}."
-        " Cast it first, e.g. x.astype(jnp.float32)."
+      f"gbn_jax normalizes floating-point input; got dtype {dt}."
+      " Cast it first, e.g. x.astype(jnp.float32)."
     )
 
 
@@ -41,8 +42,8 @@ def check_axis_index_groups(axis_name, axis_index_groups) -> None:
   """Groups of a named axis need the axis: a ``ValueError`` without it."""
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(
-        f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
-        " got axis_name=None"
+      f"axis_index_groups={axis_index_groups!r} needs an axis_name;"
+      " got axis_name=None"
     )
 
 
@@ -56,8 +57,8 @@ def canonicalize_axes(ndim: int, axes: int | Iterable[int]) -> tuple[int, ...]:
       raise TypeError(f"axes must be integers, got {a!r} in {axes!r}")
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"axis {a} is out of range for an input of rank {ndim}; valid axes"
-          f" are {-ndim}..{ndim - 1}"
+        f"axis {a} is out of range for an input of rank {ndim}; valid axes"
+        f" are {-ndim}..{ndim - 1}"
       )
     out.add(int(a) % ndim)
   return tuple(sorted(out))
@@ -113,15 +114,17 @@ def level_key(alpha) -> float:
 def _per_channel(v, channel_shape, name) -> Array:
   """``v`` as float32 of ``channel_shape`` (broadcast), without a gradient."""
   v = jnp.asarray(v)
-  if not (jnp.issubdtype(v.dtype, jnp.floating)
-          or jnp.issubdtype(v.dtype, jnp.integer)):
+  if not (
+    jnp.issubdtype(v.dtype, jnp.floating)
+    or jnp.issubdtype(v.dtype, jnp.integer)
+  ):
     raise TypeError(f"{name} must be a real array; got dtype {v.dtype}")
   try:
     v = jnp.broadcast_to(v, channel_shape)
   except ValueError:
     raise ValueError(
-        f"{name} of shape {v.shape} does not broadcast to the channel shape"
-        f" {channel_shape}"
+      f"{name} of shape {v.shape} does not broadcast to the channel shape"
+      f" {channel_shape}"
     ) from None
   return lax.stop_gradient(v.astype(jnp.float32))
 
@@ -132,17 +135,17 @@ def _check_quantile_guess(guess, channel_shape):
     return None
   if not isinstance(guess, Mapping):
     raise TypeError(
-        "quantile_guess must map levels α to per-channel guesses of q_α"
-        f" (a dict); got {type(guess).__name__}"
+      "quantile_guess must map levels α to per-channel guesses of q_α"
+      f" (a dict); got {type(guess).__name__}"
     )
   out = {}
   for alpha, v in guess.items():
     if isinstance(alpha, bool) or not isinstance(
-        alpha, (int, float, np.floating, np.integer)
+      alpha, (int, float, np.floating, np.integer)
     ):
       raise TypeError(f"quantile_guess keys must be levels α; got {alpha!r}")
     out[level_key(alpha)] = _per_channel(
-        v, channel_shape, f"quantile_guess[{alpha!r}]"
+      v, channel_shape, f"quantile_guess[{alpha!r}]"
     )
   return out
 
@@ -190,28 +193,28 @@ class Sample:
   """
 
   def __init__(
-      self,
-      x: Array,
-      axes: int | Sequence[int],
-      *,
-      mask: Array | None = None,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      dtype: Any = None,
-      force_float32_reductions: bool = True,
-      approximate: bool = False,
-      overflow_safe: bool = True,
-      quantile_guess: Mapping[float, Array] | None = None,
-      spread_guess: Array | None = None,
+    self,
+    x: Array,
+    axes: int | Sequence[int],
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+    approximate: bool = False,
+    overflow_safe: bool = True,
+    quantile_guess: Mapping[float, Array] | None = None,
+    spread_guess: Array | None = None,
   ):
     x = jnp.asarray(x)
     if not isinstance(approximate, bool):
       raise ValueError(
-          f"approximate must be True or False; got {approximate!r}"
+        f"approximate must be True or False; got {approximate!r}"
       )
     if not isinstance(overflow_safe, bool):
       raise ValueError(
-          f"overflow_safe must be True or False; got {overflow_safe!r}"
+        f"overflow_safe must be True or False; got {overflow_safe!r}"
       )
     check_floating_input(x)
     check_axis_index_groups(axis_name, axis_index_groups)
@@ -223,8 +226,8 @@ class Sample:
         mask = jnp.broadcast_to(mask, x.shape)
       except ValueError:
         raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to the input"
-            f" shape {x.shape}"
+          f"mask of shape {mask.shape} does not broadcast to the input"
+          f" shape {x.shape}"
         ) from None
     self.mask = mask
     if mask is not None:
@@ -239,7 +242,7 @@ class Sample:
     # Averages as Σ (f(x) / n), finite near the float32 limits (average).
     self.overflow_safe = overflow_safe
     self.channel_shape = tuple(
-        d for i, d in enumerate(x.shape) if i not in self.axes
+      d for i, d in enumerate(x.shape) if i not in self.axes
     )
     self.local_size = 1
     for a in self.axes:
@@ -247,12 +250,12 @@ class Sample:
     # Warm start of the selection (order_statistics.quantile): per-channel
     # float32 guesses, never differentiated.
     self.quantile_guess = _check_quantile_guess(
-        quantile_guess, self.channel_shape
+      quantile_guess, self.channel_shape
     )
     self.spread_guess = None
     if spread_guess is not None:
       self.spread_guess = _per_channel(
-          spread_guess, self.channel_shape, "spread_guess"
+        spread_guess, self.channel_shape, "spread_guess"
       )
     self._memo: dict[Any, Any] = {}
 
@@ -386,11 +389,14 @@ class Sample:
     """
 
     def compute():
-      index = tuple(0 if i in self.axes else slice(None)
-                    for i in range(self.x.ndim))
+      index = tuple(
+        0 if i in self.axes else slice(None) for i in range(self.x.ndim)
+      )
       r = lax.stop_gradient(self.x[index])
       if self.axis_name is not None:
-        r = lax.pmax(r, self.axis_name, axis_index_groups=self.axis_index_groups)
+        r = lax.pmax(
+          r, self.axis_name, axis_index_groups=self.axis_index_groups
+        )
       return r
 
     return self.memo("pivot", compute)
