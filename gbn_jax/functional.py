@@ -324,12 +324,6 @@ def _check_guess(guess, x, axes) -> tuple[Array, Array]:
   return out[0], out[1]
 
 
-def _sample_takes_guess() -> bool:
-  import inspect  # noqa: PLC0415
-
-  return "quantile_guess" in inspect.signature(Sample).parameters
-
-
 def make_sample(
   measures: Measures,
   x: Array,
@@ -342,7 +336,7 @@ def make_sample(
   form chosen by the configuration), warm-started from ``guess`` =
   (center, dev_sq) where the configuration selects quantiles."""
   levels = measures.selected_levels()
-  if guess is not None and levels and _sample_takes_guess():
+  if guess is not None and levels:
     quantile_guess, spread = measures.quantile_guesses(*guess)
     sample_kwargs.update(quantile_guess=quantile_guess, spread_guess=spread)
   return Sample(x, axes, overflow_safe=measures.overflow_safe, **sample_kwargs)
