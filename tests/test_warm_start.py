@@ -156,12 +156,18 @@ def test_guess_validation():
   assert s.guess_for(0.25) is None
 
 
-def _gradient_case():
+def test_gradients_with_and_without_guess_are_identical():
+  # Same value, same ties -> same gradient: the order statistics' own
+  # gradient bit for bit; with the catalogue's sums around it (superquantile,
+  # its deviation, median_abs) equal up to float32 rounding (the compiled
+  # programs differ, and with them the order XLA sums in).
   rng = np.random.default_rng(3)
   x = jnp.asarray(np.round(rng.standard_normal((40, 6)) * 3) / 3, jnp.float32)
   mask = jnp.asarray(rng.random((40, 6)) < 0.8)
+  w = jnp.linspace(-1.0, 2.0, 6)
+  levels = (0.5, 0.9)
 
-  def sample(x, guess, levels):
+  def sample(x, guess):
     qg = None if guess is None else {a: guess + a for a in levels}
     return Sample(
       x,
@@ -171,45 +177,25 @@ def _gradient_case():
       spread_guess=None if guess is None else jnp.ones(6),
     )
 
-  return x, jnp.linspace(-1.0, 2.0, 6), sample
+  def order_stats(x, guess):
+    s = sample(x, guess)
+    return sum(jnp.sum(w**i * O.quantile(s, a)) for i, a in enumerate(levels))
 
-
-GUESSES = (jnp.zeros(6), jnp.full(6, 1e4), jnp.full(6, jnp.nan))
-
-
-def test_gradients_with_and_without_guess_are_identical():
-  # Same value, same ties -> the order statistics' own gradient, bit for
-  # bit (masked, with ties).
-  x, w, sample = _gradient_case()
-
-  def loss(x, guess):
-    s = sample(x, guess, (0.5, 0.9))
-    return jnp.sum(w * O.quantile(s, 0.5)) + jnp.sum(w**2 * O.quantile(s, 0.9))
-
-  grad = jax.jit(jax.grad(loss))
-  cold = grad(x, None)
-  assert np.count_nonzero(np.asarray(cold)) > 0
-  for guess in GUESSES:
-    np.testing.assert_array_equal(grad(x, guess), cold)
-
-
-@pytest.mark.slow
-def test_measure_gradients_with_and_without_guess_agree():
-  # With the catalogue's sums around the order statistics (the superquantile
-  # deviation, median_abs): equal up to float32 rounding (the compiled
-  # programs differ, and with them the order XLA sums in).
-  x, w, sample = _gradient_case()
-
-  def loss(x, guess):
-    s = sample(x, guess, (0.5, 0.9))
+  def measures(x, guess):
+    s = sample(x, guess)
     total = jnp.sum(w * catalogue.quantile(s, alpha=0.9))
     total += jnp.sum(w**2 * catalogue.superquantile(s, alpha=0.9))
     return total + jnp.sum(catalogue.median_abs(s))
 
-  grad = jax.jit(jax.grad(loss))
-  cold = grad(x, None)
-  for guess in GUESSES:
-    np.testing.assert_allclose(grad(x, guess), cold, rtol=1e-6, atol=1e-7)
+  for loss in (order_stats, measures):
+    grad = jax.jit(jax.grad(loss))
+    cold = grad(x, None)
+    assert np.count_nonzero(np.asarray(cold)) > 0
+    for guess in (jnp.zeros(6), jnp.full(6, 1e4), jnp.full(6, jnp.nan)):
+      if loss is order_stats:
+        np.testing.assert_array_equal(grad(x, guess), cold)
+      else:
+        np.testing.assert_allclose(grad(x, guess), cold, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------
