@@ -329,11 +329,14 @@ def _in_band(key: Array) -> Array:
   return jnp.any(jnp.abs(key) < _ZERO_BAND)
 
 
-def _reduce_le(sample: Sample, pivots: Array, reduce, view=None) -> Array:
+def _reduce_le(
+  sample: Sample, pivots: Array, reduce, view=None, floats=False
+) -> Array:
   """``reduce(le_0, le_1, ...)``, ``le_j = [x <= p_j]`` for pivot keys
   ``pivots`` (*C, P), each ``le_j`` broadcast to x (or to ``view(x)``).
 
-  Compares floats, or the integer keys where a pivot lies in the zero band.
+  Compares floats, or the integer keys where a pivot lies in the zero band
+  (``floats``: always floats -- the caller checks the band itself).
   ``view`` reshapes x-shaped arrays (``None``: as they are); the pivots are
   expanded to match.
   """
@@ -357,10 +360,12 @@ def _reduce_le(sample: Sample, pivots: Array, reduce, view=None) -> Array:
     x = view(_values(sample))
     return reduce(*[x <= pf for pf in pfs])
 
+  if floats:
+    return by_float(None)
   return lax.cond(_in_band(pivots), by_key, by_float, None)
 
 
-def _count_le(sample: Sample, pivot: Array) -> Array:
+def _count_le(sample: Sample, pivot: Array, floats=False) -> Array:
   """c(p) = #{valid x : key(x) <= p} per channel, float32 (exact < 2**24).
 
   ``pivot`` lies in [-_INF_KEY, _INF_KEY] (NaNs never count).
@@ -369,7 +374,7 @@ def _count_le(sample: Sample, pivot: Array) -> Array:
   def count(le):
     return jnp.sum(le.astype(jnp.float32), sample.axes, where=sample.mask)
 
-  return sample.psum(_reduce_le(sample, pivot[..., None], count))
+  return sample.psum(_reduce_le(sample, pivot[..., None], count, None, floats))
 
 
 _PACK_BITS = 16
@@ -377,7 +382,7 @@ _PACK_BITS = 16
 device holds fewer than 2**16 slots per channel."""
 
 
-def _count_pair_packed(sample: Sample, pivots: Array) -> Array:
+def _count_pair_packed(sample: Sample, pivots: Array, floats=False) -> Array:
   """(c(p_0), c(p_1)) in one reduction: Σ [x <= p_0] + 2**16 [x <= p_1].
 
   Exact while each local count is below 2**16 (the caller checks the
@@ -400,19 +405,21 @@ def _count_pair_packed(sample: Sample, pivots: Array) -> Array:
     v = le0.astype(jnp.uint32) + (le1.astype(jnp.uint32) << _PACK_BITS)
     return jnp.sum(v, axes, where=mask, dtype=jnp.uint32)
 
-  both = _reduce_le(sample, pivots, packed, view)
+  both = _reduce_le(sample, pivots, packed, view, floats)
   low = both & jnp.uint32(2**_PACK_BITS - 1)
   high = both >> _PACK_BITS
   counts = jnp.stack([low, high], -1).astype(jnp.float32)
   return sample.psum(counts)
 
 
-def _counts(sample: Sample, pivots: Array) -> Array:
-  """c(p_j) for pivots (*C, P), P small."""
+def _counts(sample: Sample, pivots: Array, floats=False) -> Array:
+  """c(p_j) for pivots (*C, P), P small (``floats``: see :func:`_reduce_le`)."""
   if pivots.shape[-1] == 2 and sample.local_size < 2**_PACK_BITS:
-    return _count_pair_packed(sample, pivots)
+    return _count_pair_packed(sample, pivots, floats)
   return jnp.stack(
-    [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])],
+    [
+      _count_le(sample, pivots[..., j], floats) for j in range(pivots.shape[-1])
+    ],
     -1,
   )
 
@@ -895,16 +902,19 @@ def _approximate_tolerance(k, n):
 
 
 def _approximate_one_pass(sample: Sample, k, n, tolerance, guess):
-  """The steady-state approximate selection, without a loop: one count at
-  the guess's pair, the bracket it gives, and whether it is final for every
-  channel -- usable guess and spread, and the target straddled with at most
-  ``tolerance`` values between the pivots (or an empty channel).
+  """The steady-state approximate selection, straight-line: one count at
+  the guess's pair (float compares), the bracket it gives, and whether it
+  is final for every channel -- usable guess and spread, no pivot among ±0
+  and the denormals (float compares exact), and the target straddled with
+  at most ``tolerance`` values between the pivots (or an empty channel).
 
   Returns ((lo, hi, c_lo, c_hi), final).
   """
   g, s = _shared_guess(sample, guess)
   ok = (g > -jnp.inf) & (s > -jnp.inf)
   pivots = _guess_pivots(k, n, jnp.where(ok, g, 0.0), jnp.where(ok, s, 0.0))
+  # (Through the band's lax.cond even though the band disqualifies the
+  # pass: the pivots are then computed once, not in the count's loop.)
   counts = _counts(sample, pivots)
   c_lo, c_hi = counts[..., 0], counts[..., 1]
   lo, hi = pivots[..., 0], pivots[..., 1]
@@ -912,14 +922,13 @@ def _approximate_one_pass(sample: Sample, k, n, tolerance, guess):
   # A bracket of one value with an end at ±inf: the value is to be read
   # off the data (the general path does).
   unread = ((lo + 1 == hi) | (c_hi - c_lo <= 1)) & _unbounded(lo, hi)
-  final = jnp.all((ok & hit & ~unread) | (n == 0))
+  final = jnp.all((ok & hit & ~unread) | (n == 0)) & ~_in_band(pivots)
   return (lo, hi, c_lo, c_hi), final
 
 
 def _select_approximate(sample: Sample, k: Array, guess=None):
-  """(q̂, bracket (lo, hi], its count m, 1/m, passes): the search stopped at
-  the approximate tolerance, q̂ interpolated in the final bracket; no
-  gradient.
+  """(q̂, bracket (lo, hi], its count m, 1/m, passes): the search stopped at the
+  approximate tolerance, q̂ interpolated in the final bracket; no gradient.
 
   q̂ lies in (lo, hi] and c(lo) < k <= c(hi), so #{x <= q̂} is within m of
   k. Where the bracket is finished exactly (one key, or m <= 1) q̂ = hi:
