@@ -330,7 +330,7 @@ def _in_band(key: Array) -> Array:
 
 
 def _reduce_le(
-  sample: Sample, pivots: Array, reduce, view=None, floats=False
+    sample: Sample, pivots: Array, reduce, view=None, floats=False
 ) -> Array:
   """``reduce(le_0, le_1, ...)``, ``le_j = [x <= p_j]`` for pivot keys
   ``pivots`` (*C, P), each ``le_j`` broadcast to x (or to ``view(x)``).
@@ -417,10 +417,8 @@ def _counts(sample: Sample, pivots: Array, floats=False) -> Array:
   if pivots.shape[-1] == 2 and sample.local_size < 2**_PACK_BITS:
     return _count_pair_packed(sample, pivots, floats)
   return jnp.stack(
-    [
-      _count_le(sample, pivots[..., j], floats) for j in range(pivots.shape[-1])
-    ],
-    -1,
+      [_count_le(sample, pivots[..., j], floats)
+       for j in range(pivots.shape[-1])], -1
   )
 
 
@@ -887,12 +885,11 @@ def _select(sample: Sample, k: Array, guess=None):
     inv_ties = (1.0 / jnp.maximum(ties, 1)).astype(sample.x.dtype)
     return key_to_float(key).astype(sample.x.dtype), key, inv_ties
 
-  value, key, inv_ties = lax.cond(
-    jnp.any(lo + 1 != hi),
-    lambda: result(_extreme_in(sample, lo, hi, largest=True)),
-    lambda: result(hi),
-  )
-  return value, key, inv_ties, ties, passes
+  return lax.cond(
+      jnp.any(lo + 1 != hi),
+      lambda: result(_extreme_in(sample, lo, hi, largest=True)),
+      lambda: result(hi),
+  ) + (ties, passes)
 
 
 def _approximate_tolerance(k, n):
@@ -971,32 +968,23 @@ def _select_approximate(sample: Sample, k: Array, guess=None):
     # A bracket of one value with an end at ±inf or NaN: read it off.
     unread = ((lo + 1 == hi) | (c_hi - c_lo <= 1)) & _unbounded(lo, hi)
     # (q computed inside the branches: see _select.)
-    finished = lax.cond(
-      jnp.any(unread),
-      lambda: finish(
-        lo,
-        jnp.where(unread, _extreme_in(sample, lo, hi, True), hi),
-        c_lo,
-        c_hi,
-      ),
-      lambda: finish(lo, hi, c_lo, c_hi),
-    )
-    return finished, passes
+    return lax.cond(
+        jnp.any(unread),
+        lambda: finish(
+            lo, jnp.where(unread, _extreme_in(sample, lo, hi, True), hi),
+            c_lo, c_hi,
+        ),
+        lambda: finish(lo, hi, c_lo, c_hi),
+    ) + (passes,)
 
   if guess is None:
-    finished, passes = search()
-    return (*finished, passes)
+    return search()
   bracket, final = _approximate_one_pass(sample, k, n, tolerance, guess)
-
-  def general():
-    finished, passes = search()
-    return finished, passes + 1  # the one pass, then the search
-
-  # Steady state: the one pass; else the general search.
-  finished, passes = lax.cond(
-    final, lambda: (finish(*bracket), jnp.int32(1)), general
+  # Steady state: the one pass; else the general search (a pass more).
+  return lax.cond(
+      final, lambda: finish(*bracket) + (jnp.int32(1),),
+      lambda: (lambda *r: r[:-1] + (r[-1] + 1,))(*search()),
   )
-  return (*finished, passes)
 
 
 # --------------------------------------------------------------------------
@@ -1038,7 +1026,7 @@ def _attach_gradient(sample: Sample, value, key, inv_ties) -> Array:
   cotangents meet the way they meet for the mean.
   """
   zeros = _tie_zeros(
-    sample.axes, sample.x, key, lax.stop_gradient(inv_ties), sample.mask
+      sample.axes, sample.x, key, lax.stop_gradient(inv_ties), sample.mask
   )
   return lax.stop_gradient(value) + sample.sum(zeros)
 
@@ -1111,10 +1099,10 @@ def quantile_passes(sample: Sample, alpha: float) -> Array:
 def _approximate_selection(sample: Sample, alpha: float):
   """:func:`_select_approximate` for level α (memoised: one per level)."""
   return sample.memo(
-    ("approx_selection", float(alpha)),
-    lambda: _select_approximate(
-      sample, quantile_rank(alpha, sample.count()), sample.guess_for(alpha)
-    ),
+      ("approx_selection", float(alpha)),
+      lambda: _select_approximate(
+          sample, quantile_rank(alpha, sample.count()), sample.guess_for(alpha)
+      ),
   )
 
 
@@ -1133,7 +1121,7 @@ def approximate_quantile(sample: Sample, alpha: float) -> Array:
     return kth_smallest_by_sort(sample, quantile_rank(alpha, sample.count()))
   q, lo, hi, _, inv_m, _ = _approximate_selection(sample, alpha)
   zeros = _bracket_zeros(
-    sample.axes, sample.x, lo, hi, lax.stop_gradient(inv_m), sample.mask
+      sample.axes, sample.x, lo, hi, lax.stop_gradient(inv_m), sample.mask
   )
   return lax.stop_gradient(q) + sample.sum(zeros)
 
