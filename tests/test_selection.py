@@ -68,7 +68,7 @@ def _same(a, b):
 def _select_fn(masked: bool):
   def f(x, mask, k):
     s = Sample(x, (0,), mask=mask if masked else None)
-    v, _, _, ties, passes = O._select(s, k)
+    v, ties, passes = O._select(s, k)
     return v, ties, passes
 
   return jax.jit(f)
