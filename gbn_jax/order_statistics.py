@@ -344,13 +344,18 @@ def _reduce_le(sample: Sample, pivots: Array, reduce, view=None) -> Array:
     p = pivots[None]
   ps = [p[..., j] for j in range(pivots.shape[-1])]
 
+  # The float bounds are computed here, outside the branches: inside,
+  # XLA:CPU fused their per-channel arithmetic into the comparison loop,
+  # recomputing it for every element (seen in the compiled step).
+  pfs = [key_to_float(pj) for pj in ps]
+
   def by_key(_):
     key = view(_keys(sample))
     return reduce(*[key <= pj for pj in ps])
 
   def by_float(_):
     x = view(_values(sample))
-    return reduce(*[x <= key_to_float(pj) for pj in ps])
+    return reduce(*[x <= pf for pf in pfs])
 
   return lax.cond(_in_band(pivots), by_key, by_float, None)
 
@@ -407,7 +412,8 @@ def _counts(sample: Sample, pivots: Array) -> Array:
   if pivots.shape[-1] == 2 and sample.local_size < 2**_PACK_BITS:
     return _count_pair_packed(sample, pivots)
   return jnp.stack(
-    [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])], -1
+    [_count_le(sample, pivots[..., j]) for j in range(pivots.shape[-1])],
+    -1,
   )
 
 
@@ -429,16 +435,22 @@ def _extreme_in(sample: Sample, lo: Array, hi: Array, largest: bool) -> Array:
       return jnp.max(jnp.where(inside, key, _MIN_KEY), sample.axes)
     return jnp.min(jnp.where(inside, key, _MAX_KEY), sample.axes)
 
+  # Per-channel float bounds, computed outside the branches (inside, XLA:CPU
+  # recomputed them for every element; see _reduce_le). lo below -inf / hi
+  # at NaN: no bound on that side.
+  lo_f, lo_open = key_to_float(lo_e), lo_e < -_INF_KEY
+  if largest:
+    # NaN (the largest key) counts when hi admits it: max propagates it.
+    hi_f, hi_open = key_to_float(hi_e), hi_e > _INF_KEY
+  else:
+    # NaN would win a min: leave it out; +inf is then ambiguous (below).
+    hi_f, hi_open = key_to_float(jnp.minimum(hi_e, _INF_KEY)), None
+
   def by_float(_):
     x = _values(sample)
-    # lo below -inf / hi at NaN: no bound on that side.
-    above = (x > key_to_float(lo_e)) | (lo_e < -_INF_KEY)
-    if largest:
-      # NaN (the largest key) counts when hi admits it: max propagates it.
-      inside = above & ((x <= key_to_float(hi_e)) | (hi_e > _INF_KEY))
-    else:
-      # NaN would win a min: leave it out; +inf is then ambiguous (below).
-      inside = above & (x <= key_to_float(jnp.minimum(hi_e, _INF_KEY)))
+    above = (x > lo_f) | lo_open
+    below = x <= hi_f
+    inside = above & (below if hi_open is None else below | hi_open)
     if sample.mask is not None:
       inside = inside & sample.mask
     if largest:
@@ -848,20 +860,32 @@ def _search(sample: Sample, k: Array, guess, tolerance=None):
 
 
 def _select(sample: Sample, k: Array, guess=None):
-  """(value of x_(k), ties #{x == x_(k)}, passes) per channel; no gradient.
+  """(value of x_(k), its key, 1 / ties, ties #{x == x_(k)}, passes) per
+  channel; no gradient.
 
   ``guess``: a per-channel guess of x_(k) (warm start), or None.
   """
   lo, hi, c_lo, c_hi, _, _, passes = _search(sample, k, guess)
   # A channel that ended with one value in a wider key range: that value is
   # x_(k) -- the largest (only) one in (lo, hi]. One reduction, all channels.
-  hi = lax.cond(
+  # The value is converted inside the branches: XLA:CPU fused per-channel
+  # arithmetic after the cond (key/float conversions, clips) into every
+  # x-sized consumer of the value -- tail sum, normalization, backward --
+  # recomputing it per element (seen in the compiled step: about one BN
+  # step of time for the approximate mode's interpolation); a conditional's
+  # outputs are computed once.
+  ties = c_hi - c_lo
+
+  def result(key):
+    inv_ties = (1.0 / jnp.maximum(ties, 1)).astype(sample.x.dtype)
+    return key_to_float(key).astype(sample.x.dtype), key, inv_ties
+
+  value, key, inv_ties = lax.cond(
     jnp.any(lo + 1 != hi),
-    lambda: _extreme_in(sample, lo, hi, largest=True),
-    lambda: hi,
+    lambda: result(_extreme_in(sample, lo, hi, largest=True)),
+    lambda: result(hi),
   )
-  value = key_to_float(hi).astype(sample.x.dtype)
-  return value, c_hi - c_lo, passes
+  return value, key, inv_ties, ties, passes
 
 
 def _approximate_tolerance(k, n):
@@ -870,41 +894,100 @@ def _approximate_tolerance(k, n):
   return APPROX_BRACKET_SE * jnp.sqrt(n * t * (1 - t))
 
 
+def _approximate_one_pass(sample: Sample, k, n, tolerance, guess):
+  """The steady-state approximate selection, without a loop: one count at
+  the guess's pair, the bracket it gives, and whether it is final for every
+  channel -- usable guess and spread, and the target straddled with at most
+  ``tolerance`` values between the pivots (or an empty channel).
+
+  Returns ((lo, hi, c_lo, c_hi), final).
+  """
+  g, s = _shared_guess(sample, guess)
+  ok = (g > -jnp.inf) & (s > -jnp.inf)
+  pivots = _guess_pivots(k, n, jnp.where(ok, g, 0.0), jnp.where(ok, s, 0.0))
+  counts = _counts(sample, pivots)
+  c_lo, c_hi = counts[..., 0], counts[..., 1]
+  lo, hi = pivots[..., 0], pivots[..., 1]
+  hit = (c_lo < k) & (k <= c_hi) & (c_hi - c_lo <= tolerance)
+  # A bracket of one value with an end at ±inf: the value is to be read
+  # off the data (the general path does).
+  unread = ((lo + 1 == hi) | (c_hi - c_lo <= 1)) & _unbounded(lo, hi)
+  final = jnp.all((ok & hit & ~unread) | (n == 0))
+  return (lo, hi, c_lo, c_hi), final
+
+
 def _select_approximate(sample: Sample, k: Array, guess=None):
-  """(q̂, bracket (lo, hi], its count m, passes): the search stopped at the
-  approximate tolerance, q̂ interpolated in the final bracket; no gradient.
+  """(q̂, bracket (lo, hi], its count m, 1/m, passes): the search stopped at
+  the approximate tolerance, q̂ interpolated in the final bracket; no
+  gradient.
 
   q̂ lies in (lo, hi] and c(lo) < k <= c(hi), so #{x <= q̂} is within m of
   k. Where the bracket is finished exactly (one key, or m <= 1) q̂ = hi:
   then c(q̂) = c(hi) = k (one value) or q̂ = x_(k) (one key), and an end at
   ±inf or NaN (a first pass that missed, then finished) is read off the data
   (one reduction, only then).
+
+  From a guess, the first pass is :func:`_approximate_one_pass`; only where
+  it is not final for some channel does the general search run (one
+  ``lax.cond``: the steady state costs one count and a few per-channel
+  operations, not the loop's conditionals). q̂ is computed inside the
+  branches (see :func:`_select`).
   """
-  lo, hi, c_lo, c_hi, k, _n, passes = _search(
-    sample, k, guess, _approximate_tolerance(k, sample.count())
+  shape = sample.channel_shape
+  n = sample.count().astype(jnp.float32)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape).astype(jnp.float32)
+  tolerance = _approximate_tolerance(k, n)
+  empty = n == 0
+
+  def finish(lo, hi, c_lo, c_hi):
+    # An empty channel: bracket (-1, 0] -> value 0.
+    lo, hi = jnp.where(empty, -1, lo), jnp.where(empty, 0, hi)
+    c_lo, c_hi = jnp.where(empty, 0.0, c_lo), jnp.where(empty, 0.0, c_hi)
+    m = c_hi - c_lo
+    exact = (lo + 1 == hi) | (m <= 1)
+    # Rank interpolation across the bracket, as for the pivots: the m
+    # values spread evenly, rank j at fraction (j - 1/2) / m.
+    finite = _INF_KEY - 1
+    a = key_to_float(jnp.clip(lo, -finite, finite))
+    b = key_to_float(jnp.clip(hi, -finite, finite))
+    f = jnp.clip((k - c_lo - 0.5) / jnp.maximum(m, 1.0), 0.0, 1.0)
+    between = a * (1.0 - f) + b * f
+    # Keep it in (lo, hi] (rounding), as a key.
+    inside = jnp.clip(float_to_key(between), lo + 1, hi)
+    q = key_to_float(jnp.where(exact, hi, inside)).astype(sample.x.dtype)
+    return q, lo, hi, m, (1.0 / jnp.maximum(m, 1.0)).astype(sample.x.dtype)
+
+  def search():
+    lo, hi, c_lo, c_hi, _, _, passes = _search(sample, k, guess, tolerance)
+    # A bracket of one value with an end at ±inf or NaN: read it off.
+    unread = ((lo + 1 == hi) | (c_hi - c_lo <= 1)) & _unbounded(lo, hi)
+    # (q computed inside the branches: see _select.)
+    finished = lax.cond(
+      jnp.any(unread),
+      lambda: finish(
+        lo,
+        jnp.where(unread, _extreme_in(sample, lo, hi, True), hi),
+        c_lo,
+        c_hi,
+      ),
+      lambda: finish(lo, hi, c_lo, c_hi),
+    )
+    return finished, passes
+
+  if guess is None:
+    finished, passes = search()
+    return (*finished, passes)
+  bracket, final = _approximate_one_pass(sample, k, n, tolerance, guess)
+
+  def general():
+    finished, passes = search()
+    return finished, passes + 1  # the one pass, then the search
+
+  # Steady state: the one pass; else the general search.
+  finished, passes = lax.cond(
+    final, lambda: (finish(*bracket), jnp.int32(1)), general
   )
-  m = c_hi - c_lo
-  exact = (lo + 1 == hi) | (m <= 1)
-  hi = lax.cond(
-    jnp.any(exact & _unbounded(lo, hi)),
-    lambda: jnp.where(
-      exact & _unbounded(lo, hi),
-      _extreme_in(sample, lo, hi, largest=True),
-      hi,
-    ),
-    lambda: hi,
-  )
-  # Rank interpolation across the bracket, as for the pivots: the m values
-  # spread evenly, rank j at fraction (j - 1/2) / m.
-  finite = _INF_KEY - 1
-  a = key_to_float(jnp.clip(lo, -finite, finite))
-  b = key_to_float(jnp.clip(hi, -finite, finite))
-  f = jnp.clip((k - c_lo - 0.5) / jnp.maximum(m, 1.0), 0.0, 1.0)
-  between = a * (1.0 - f) + b * f
-  # Keep it in (lo, hi] (rounding), as a key.
-  inside = jnp.clip(float_to_key(between), lo + 1, hi)
-  q = key_to_float(jnp.where(exact, hi, inside))
-  return q.astype(sample.x.dtype), lo, hi, m, passes
+  return (*finished, passes)
 
 
 # --------------------------------------------------------------------------
@@ -913,42 +996,40 @@ def _select_approximate(sample: Sample, k: Array, guess=None):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _tie_zeros(axes, x, q, inv_ties, valid):
-  """Zeros of x's shape with derivative x_dot * [x == q] / ties (masked).
+def _tie_zeros(axes, x, q_key, inv_ties, valid):
+  """Zeros of x's shape with derivative x_dot * [x == q] / ties (masked),
+  ``q_key`` the key of q.
 
   A ``custom_jvp`` (forward and reverse mode): the tangent map is
   elementwise, so its transpose -- the backward pass -- is elementwise too,
   and it needs only x and per-channel values.
   """
-  del q, inv_ties, valid
+  del q_key, inv_ties, valid
   return jnp.zeros_like(x)
 
 
 @_tie_zeros.defjvp
 def _tie_zeros_jvp(axes, primals, tangents):
-  x, q, inv_ties, valid = primals
+  x, q_key, inv_ties, valid = primals
   x_dot = tangents[0]
   # Key equality, not float ==: CPUs may treat denormals as zero in compares.
-  hit = float_to_key(x) == jnp.expand_dims(float_to_key(q), axes)
+  hit = float_to_key(x) == jnp.expand_dims(q_key, axes)
   if valid is not None:
     hit = hit & valid
   w = jnp.where(hit, jnp.expand_dims(inv_ties, axes), jnp.zeros_like(x))
   return jnp.zeros_like(x), x_dot * w
 
 
-def _attach_gradient(sample: Sample, value: Array, ties: Array) -> Array:
+def _attach_gradient(sample: Sample, value, key, inv_ties) -> Array:
   """value + Σ_i zeros_i: equal to ``value``; gradient of x_(k) w.r.t. x.
 
-  The sum is a reduction of the sample like any other (it ``psum``s across
-  devices), so the devices' cotangents meet the way they meet for the mean.
+  ``key`` and ``inv_ties`` (= 1 / #ties) come computed from the selection
+  (a conditional's outputs: see :func:`_select`). The sum is a reduction of
+  the sample like any other (it ``psum``s across devices), so the devices'
+  cotangents meet the way they meet for the mean.
   """
-  inv = (1.0 / jnp.maximum(ties, 1)).astype(sample.x.dtype)
   zeros = _tie_zeros(
-    sample.axes,
-    sample.x,
-    lax.stop_gradient(value),
-    lax.stop_gradient(inv),
-    sample.mask,
+    sample.axes, sample.x, key, lax.stop_gradient(inv_ties), sample.mask
   )
   return lax.stop_gradient(value) + sample.sum(zeros)
 
@@ -997,8 +1078,8 @@ def kth_smallest(
   """
   if not _use_engine(sample):
     return kth_smallest_by_sort(sample, k)
-  value, ties, _ = _select(sample, k, guess)
-  return _attach_gradient(sample, value, ties)
+  value, key, inv_ties, _, _ = _select(sample, k, guess)
+  return _attach_gradient(sample, value, key, inv_ties)
 
 
 def selection_passes(
@@ -1006,17 +1087,26 @@ def selection_passes(
 ) -> Array:
   """How many counting passes the exact engine takes for this sample and
   rank (from ``guess`` if given, else cold)."""
-  return _select(sample, k, guess)[2]
+  return _select(sample, k, guess)[4]
 
 
 def quantile_passes(sample: Sample, alpha: float) -> Array:
   """How many counting passes :func:`quantile` takes for ``sample`` as it
   is configured (its guess of q_α, approximate or exact)."""
-  k = quantile_rank(alpha, sample.count())
-  guess = sample.guess_for(alpha)
   if sample.approximate:
-    return _select_approximate(sample, k, guess)[4]
-  return _select(sample, k, guess)[2]
+    return _approximate_selection(sample, alpha)[5]
+  k = quantile_rank(alpha, sample.count())
+  return _select(sample, k, sample.guess_for(alpha))[4]
+
+
+def _approximate_selection(sample: Sample, alpha: float):
+  """:func:`_select_approximate` for level α (memoised: one per level)."""
+  return sample.memo(
+    ("approx_selection", float(alpha)),
+    lambda: _select_approximate(
+      sample, quantile_rank(alpha, sample.count()), sample.guess_for(alpha)
+    ),
+  )
 
 
 def approximate_quantile(sample: Sample, alpha: float) -> Array:
@@ -1030,13 +1120,11 @@ def approximate_quantile(sample: Sample, alpha: float) -> Array:
   the m values in the bracket, ``g [lo < x <= hi] / m`` (x_(k)'s own
   gradient where the bracket holds one value or one key).
   """
-  k = quantile_rank(alpha, sample.count())
   if not _use_engine(sample):
-    return kth_smallest_by_sort(sample, k)
-  q, lo, hi, m, _ = _select_approximate(sample, k, sample.guess_for(alpha))
-  inv = (1.0 / jnp.maximum(m, 1.0)).astype(sample.x.dtype)
+    return kth_smallest_by_sort(sample, quantile_rank(alpha, sample.count()))
+  q, lo, hi, _, inv_m, _ = _approximate_selection(sample, alpha)
   zeros = _bracket_zeros(
-    sample.axes, sample.x, lo, hi, lax.stop_gradient(inv), sample.mask
+    sample.axes, sample.x, lo, hi, lax.stop_gradient(inv_m), sample.mask
   )
   return lax.stop_gradient(q) + sample.sum(zeros)
 
@@ -1044,8 +1132,7 @@ def approximate_quantile(sample: Sample, alpha: float) -> Array:
 def approximate_bracket(sample: Sample, alpha: float):
   """(q̂_α, m): the approximate quantile and the number of values m in its
   final bracket -- ``|#{x <= q̂} - ceil(α n)| <= m`` (diagnostics, tests)."""
-  k = quantile_rank(alpha, sample.count())
-  q, _, _, m, _ = _select_approximate(sample, k, sample.guess_for(alpha))
+  q, _, _, m, _, _ = _approximate_selection(sample, alpha)
   return q, m
 
 

@@ -188,8 +188,10 @@ class Sample:
       identical inside the selection (see ``order_statistics``).
     spread_guess: ``channel_shape`` float32, or None: the data's spread (a
       standard deviation, >= 0), which sizes the first bracket around a
-      guess. 0 suits a constant channel; NaN, ±inf or negative values mean
-      "unknown" (the spread is then estimated from a strided subsample).
+      guess (± 4 standard errors of the sample quantile). 0 suits a
+      constant channel; NaN, ±inf or negative values (or None) mean
+      "unknown": the exact mode then estimates it from a strided subsample,
+      the approximate mode starts that channel from the data range.
   """
 
   def __init__(

@@ -58,27 +58,28 @@ def test_shard_map_equals_one_device(mesh):
   x, mask = _data()
   xs = jax.device_put(x, NamedSharding(mesh, P("d")))
   ms = jax.device_put(mask, NamedSharding(mesh, P("d")))
+
   def build(check_vma=True):
     return jax.jit(
-        jax.shard_map(
-            functools.partial(_stats, axis_name="d"),
-            mesh=mesh,
-            in_specs=(P("d"), P("d")),
-            out_specs=P(),
-            check_vma=check_vma,
-        )
+      jax.shard_map(
+        functools.partial(_stats, axis_name="d"),
+        mesh=mesh,
+        in_specs=(P("d"), P("d")),
+        out_specs=P(),
+        check_vma=check_vma,
+      )
     )
 
   f = build()
   _check(f(xs, ms), _stats(x, mask))
   # Gradient: the same as one device (shard_map differentiates the psums).
   g = jax.jit(
-      jax.shard_map(
-          jax.grad(functools.partial(_loss, axis_name="d")),
-          mesh=mesh,
-          in_specs=(P("d"), P("d")),
-          out_specs=P("d"),
-      )
+    jax.shard_map(
+      jax.grad(functools.partial(_loss, axis_name="d")),
+      mesh=mesh,
+      in_specs=(P("d"), P("d")),
+      out_specs=P("d"),
+    )
   )(xs, ms)
   np.testing.assert_allclose(g, jax.grad(_loss)(x, mask), rtol=1e-5, atol=1e-6)
 
@@ -99,12 +100,12 @@ def test_shard_map_subgroups_by_mesh_axis():
   mesh = jax.make_mesh((2, 4), ("g", "d"))
   xs = jax.device_put(x, NamedSharding(mesh, P(("g", "d"))))
   f = jax.jit(
-      jax.shard_map(
-          lambda x: tuple(v[None] for v in _stats(x, axis_name="d")),
-          mesh=mesh,
-          in_specs=P(("g", "d")),
-          out_specs=P("g"),
-      )
+    jax.shard_map(
+      lambda x: tuple(v[None] for v in _stats(x, axis_name="d")),
+      mesh=mesh,
+      in_specs=P(("g", "d")),
+      out_specs=P("g"),
+    )
   )
   c, d = (np.asarray(v) for v in f(xs))
   _check((c[0], d[0]), _stats(x[:32]))
@@ -117,8 +118,8 @@ def test_pmap_equals_one_device(groups):
   x, mask = _data()
   xp, mp = x.reshape(D, 8, 5, 6), mask.reshape(D, 8, 5, 1)
   f = jax.pmap(
-      functools.partial(_stats, axis_name="d", axis_index_groups=groups),
-      axis_name="d",
+    functools.partial(_stats, axis_name="d", axis_index_groups=groups),
+    axis_name="d",
   )
   c, d = f(xp, mp)
   if groups is None:
@@ -129,15 +130,15 @@ def test_pmap_equals_one_device(groups):
     _check((c[i], d[i]), want[i])
   # Gradient: pmap sums the cotangents of the D per-device losses.
   g = jax.pmap(
-      jax.grad(functools.partial(_loss, axis_name="d", axis_index_groups=groups)),
-      axis_name="d",
+    jax.grad(functools.partial(_loss, axis_name="d", axis_index_groups=groups)),
+    axis_name="d",
   )(xp, mp)
   g = np.asarray(g).reshape(x.shape)
   if groups is None:
     ref = D * jax.grad(_loss)(x, mask)
   else:
     ref = 4 * np.concatenate(
-        [jax.grad(_loss)(x[:32], mask[:32]), jax.grad(_loss)(x[32:], mask[32:])]
+      [jax.grad(_loss)(x[:32], mask[:32]), jax.grad(_loss)(x[32:], mask[32:])]
     )
   np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
   if groups is None:
@@ -161,13 +162,15 @@ def test_module_under_pmap():
   m = gbn_jax.GeneralizedBatchNorm(use_running_average=False, axis_name="d")
   v = m.init(jax.random.PRNGKey(0), x[:8])
   y, upd = jax.pmap(
-      lambda x: m.apply(v, x, mutable=["batch_stats"]), axis_name="d"
+    lambda x: m.apply(v, x, mutable=["batch_stats"]), axis_name="d"
   )(x.reshape(D, 8, 5, 6))
   m1 = gbn_jax.GeneralizedBatchNorm(use_running_average=False)
   y1, upd1 = m1.apply(v, x, mutable=["batch_stats"])
-  np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y1, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
-      upd["batch_stats"]["mean"][0], upd1["batch_stats"]["mean"], rtol=1e-6
+    np.asarray(y).reshape(x.shape), y1, rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    upd["batch_stats"]["mean"][0], upd1["batch_stats"]["mean"], rtol=1e-6
   )
 
 
@@ -184,12 +187,19 @@ def test_shard_map_warm_start_with_per_device_guesses(mesh):
   guesses[::3, 2] = np.nan
 
   def quantile(x, m, g):
-    s = Sample(x, (0,), mask=m, axis_name="d",
-               quantile_guess={0.7: g[0]}, spread_guess=jnp.ones(6))
+    s = Sample(
+      x,
+      (0,),
+      mask=m,
+      axis_name="d",
+      quantile_guess={0.7: g[0]},
+      spread_guess=jnp.ones(6),
+    )
     return O.quantile(s, 0.7)[None]
 
-  f = jax.jit(jax.shard_map(quantile, mesh=mesh, in_specs=(P("d"),) * 3,
-                            out_specs=P("d")))
+  f = jax.jit(
+    jax.shard_map(quantile, mesh=mesh, in_specs=(P("d"),) * 3, out_specs=P("d"))
+  )
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))
   got = np.asarray(f(put(x2), put(m2), put(guesses)))
   want = jax.jit(lambda x, m: O.quantile(Sample(x, (0,), mask=m), 0.7))(x2, m2)
