@@ -300,7 +300,8 @@ class Measures:
     Returns ``({α: guess of q_α}, spread)`` with spread = σ̂, the normal
     scale that D^2 implies (D divided by its Gaussian factor). q_α is placed
     where a normal fit puts it: S + σ̂ (Φ^-1(α) - Φ^-1(α_S)) with α_S the
-    level of S (0.5 for a mean, median or midrange). Only a starting point:
+    level of S (0.5 for a mean, median or midrange; a mix Σ λ_j q_{α_j}
+    sits at Σ λ_j Φ^-1(α_j)). Only a starting point:
     the selection is exact whatever the guess.
     """
     factor = self.deviation_spec.gaussian_factor
@@ -311,8 +312,14 @@ class Measures:
         **self.deviation_kwargs,
       }
       sigma = sigma / factor(**params)
+    # Where a normal fit puts S, in units of σ̂ from the fit's mean: Φ^-1 of
+    # its level, or Σ_j λ_j Φ^-1(α_j) for a weighted mix of quantiles (a
+    # base of 0 there put every level's guess tens of standard errors off).
     own = self.statistic_spec.levels(**self.statistic_kwargs)
-    base = _NORMAL.inv_cdf(own[0]) if len(own) == 1 else 0.0
+    weights = self.statistic_kwargs.get("weights") or (1.0,) * len(own)
+    base = sum(
+      float(w) * _NORMAL.inv_cdf(a) for a, w in zip(own, weights, strict=True)
+    )
     guesses = {
       a: center + sigma * (_NORMAL.inv_cdf(a) - base)
       for a in self.selected_levels()

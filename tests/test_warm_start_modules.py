@@ -6,6 +6,8 @@ identical outputs, gradients and running averages, step after step; and
 ``batch_statistics(guess=...)`` equals the cold result whatever the guess.
 """
 
+import statistics
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,3 +115,37 @@ def test_fresh_running_averages_start_cold():
   assert np.isnan(center[0]) and np.isnan(dev_sq[0])  # still (0, 1): cold
   np.testing.assert_array_equal(center[1:], [0.0, 1.5])
   np.testing.assert_array_equal(dev_sq[1:], [2.0, 1.0])
+
+
+@pytest.mark.parametrize(
+  "deviation, kwargs",
+  [
+    ("superquantile", dict(alpha=0.9)),
+    ("median_abs", dict()),
+    ("mixed_superquantile", dict(levels=(0.5, 0.9), weights=(0.25, 0.75))),
+  ],
+)
+def test_guesses_from_exact_statistics_land_near_the_quantiles(
+  deviation, kwargs
+):
+  # On normal data, S and D^2 of the batch itself must give guesses of every
+  # selected level within a few standard errors of the sample quantile (the
+  # first pair spans 4): a wrong normal-fit base puts them tens away.
+  from gbn_jax import config  # noqa: PLC0415
+
+  n = 16384
+  x = np.random.default_rng(5).standard_normal((n, 1)).astype(np.float32)
+  x = 3.0 * x + 7.0
+  kw = dict(alpha=None, **kwargs) if "alpha" not in kwargs else kwargs
+  measures = config.make_measures(deviation=deviation, **kw)
+  center, dev = gbn_jax.batch_statistics(
+    jnp.asarray(x), axes=0, deviation=deviation, **kw
+  )
+  guesses, sigma = measures.quantile_guesses(center, jnp.square(dev))
+  np.testing.assert_allclose(sigma, 3.0, rtol=0.03)
+  assert guesses, "the configuration selects no quantile"
+  for a, g in guesses.items():
+    z = statistics.NormalDist()
+    se = 3.0 * np.sqrt(a * (1 - a) / n) / z.pdf(z.inv_cdf(a))
+    want = np.quantile(x[:, 0], a)
+    assert abs(float(g[0]) - want) < 2 * se, (a, float(g[0]), want, se)
