@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gbn_jax import online
+from gbn_jax._sharding import with_automatic_axes
 from gbn_jax.config import LayerConfig
 from gbn_jax.functional import (
   complex_statistics,
@@ -119,6 +120,13 @@ def train_statistics(
 def _train_statistics(x, mask, running, *, cfg, axes, pooled, warm):
   # A jit with the configuration static: an eager call compiles the
   # selection loops once per shape; inside a user's jit it is inlined.
+  step = functools.partial(
+    _train_statistics_step, cfg=cfg, axes=axes, pooled=pooled, warm=warm
+  )
+  return with_automatic_axes(step, x, axes, mask, running)
+
+
+def _train_statistics_step(x, mask, running, *, cfg, axes, pooled, warm):
   sample_kwargs = dict(
     mask=mask,
     axis_name=cfg.axis_name if pooled else None,

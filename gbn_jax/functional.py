@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gbn_jax._sharding import with_automatic_axes
 from gbn_jax.config import (  # noqa: F401  (re-exported: the public checks)
   MODES,
   Measures,
@@ -91,15 +92,19 @@ def batch_statistics(
       ``GeneralizedBatchNorm`` keeps Flax's default (True) for parity.
     dtype: the reduction precision (None: the input's), as in Flax.
     force_float32_reductions: reduce half-precision input in float32.
-    approximate: quantiles from a strided subsample (faster, not exact; the
-      superquantile is then evaluated exactly at that point). Off by default.
+    approximate: each quantile's counting search stops once its bracket
+      holds at most ``order_statistics.APPROX_BRACKET_SE`` standard errors
+      and interpolates there (rank error bounded, docs/SPEC.md §4; the
+      superquantile is then evaluated exactly at that point). Faster, not
+      exact; device-invariant. Off by default.
     guess: optional ``(center, dev_sq)``, per-channel estimates of S and D²
       from earlier batches (e.g. a layer's running ``mean`` and ``var``): the
       selection of the order statistics starts from there and needs fewer
-      passes. The result is exact whatever the guess (NaN, ±inf or far off
-      costs passes, not correctness); a channel whose guess is NaN starts
-      cold. Under ``axis_name`` every device should pass the same guess
-      (running averages are replicated, so they do).
+      passes. An exact result is the same whatever the guess (NaN, ±inf or
+      far off costs passes, not correctness); an approximate one may move
+      within its error bound. A channel whose guess is NaN starts cold.
+      Under ``axis_name`` the guesses are ``pmax``-ed, so every device
+      counts at the same pivots.
 
   Returns:
     ``(center, dev)``, each of shape ``x.shape`` without ``axes``, in the
@@ -211,19 +216,24 @@ def _sample_statistics_jit(
   approximate,
   squared,
 ):
-  sample = make_sample(
-    measures,
-    x,
-    axes,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    dtype=dtype,
-    force_float32_reductions=force_float32_reductions,
-    approximate=approximate,
-    guess=guess,
+  def statistics(x, mask, guess):
+    sample = make_sample(
+      measures,
+      x,
+      axes,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=dtype,
+      force_float32_reductions=force_float32_reductions,
+      approximate=approximate,
+      guess=guess,
+    )
+    return measures.center_and_dev_sq(sample) if squared else measures(sample)
+
+  return with_automatic_axes(
+    statistics, x, canonicalize_axes(x.ndim, axes), mask, guess
   )
-  return measures.center_and_dev_sq(sample) if squared else measures(sample)
 
 
 def is_complex_input(measures: Measures, x) -> bool:

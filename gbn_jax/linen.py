@@ -75,7 +75,8 @@ class GeneralizedBatchNorm(module.Module):
       (meaningful at batch size 1); see :mod:`gbn_jax.online` for the update
       of each measure, its extra ``batch_stats`` and what is differentiated.
       ``mean``/``var`` then hold the online S and D^2 used for eval.
-    approximate: quantiles from a subsample, for speed (off by default; the
+    approximate: quantiles from a counting search stopped early, within a
+      stated rank error (docs/SPEC.md §4), for speed (off by default; the
       order statistics are then not exact).
     warm_start: in training, start the selection of the order statistics
       from the running averages once they hold real values (exact either

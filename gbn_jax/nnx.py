@@ -72,7 +72,8 @@ class GeneralizedBatchNorm(nnx.Module):
     weights: their weights (default equal).
     gaussian_consistent: scale D to equal σ on normal data.
     mode: ``"batch"`` or ``"online"``.
-    approximate: quantiles from a subsample, for speed (off by default; the
+    approximate: quantiles from a counting search stopped early, within a
+      stated rank error (docs/SPEC.md §4), for speed (off by default; the
       order statistics are then not exact).
     warm_start: in training, start the selection of the order statistics
       from the running averages once they hold real values (exact either

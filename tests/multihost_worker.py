@@ -45,8 +45,7 @@ N_DEV = N_PROC * DEV_PER_PROC
 AXIS = "batch"
 PARAMS = dict(alpha=0.37, p=3.0, levels=(0.3, 0.8), weights=(0.4, 0.6))
 # batch_statistics: reduction over (0, 1); 320 values per channel and
-# device, so the approximate mode subsamples (stride 2 per device, 5 under
-# jit over the global batch).
+# device (1280 in all: the approximate mode stops its search early there).
 STATS_SHAPE = (N_DEV * 8, 40, 3)
 STATS_MODES = {  # name: (masked, approximate); the linen model: no mask
     "exact_masked": (True, False),

@@ -229,3 +229,56 @@ def test_pmap_gradients_equal_one_device(groups_name):
     # the sum over devices is len(group) times the one-device gradient.
     got = np.concatenate([np.asarray(grad_dev[i]) for i in group])
     np.testing.assert_allclose(got, len(group) * want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_sharded_jit_on_an_explicit_mesh_equals_one_device(approximate):
+  # jax.make_mesh's axes are Explicit (sharding in types): JAX rejects a
+  # slice of a sharded dimension that does not divide over the mesh, and
+  # the engine slices (a pivot entry, the cold start's strided subsample).
+  # 8 x 37 rows, so no slice divides; the result must still be the global
+  # batch's, values and gradients, with and without a mask, and in a linen
+  # module over two training steps (the second one warm-started).
+  from jax.sharding import AxisType  # noqa: PLC0415
+
+  mesh = jax.make_mesh((N_DEV,), ("batch",), axis_types=(AxisType.Explicit,))
+  rng = np.random.default_rng(11)
+  x = rng.lognormal(size=(N_DEV * 37, 5)).astype(np.float32)
+  mask = rng.random(x.shape) < 0.8
+  kw = dict(axes=0, deviation="superquantile", alpha=0.7,
+            approximate=approximate)
+
+  def stats(x, m):
+    return gbn_jax.batch_statistics(x, mask=m, **kw)
+
+  def loss(x, m):
+    center, dev = stats(x, m)
+    return jnp.sum(center * dev) + jnp.sum(dev**2)
+
+  def step(v, x):
+    return module.apply(v, x, mutable=["batch_stats"])
+
+  module = gbn_jax.GeneralizedBatchNorm(use_running_average=False,
+                                        alpha=0.7, approximate=approximate)
+  variables = module.init(jax.random.key(0), x)
+  want = {}
+  for m in (None, mask):
+    want[m is None] = (stats(x, m), jax.grad(loss)(x, m))
+  y1, u1 = step(variables, x)
+  y2, u2 = step({**variables, **u1}, x)
+  with jax.set_mesh(mesh):
+    shard = NamedSharding(mesh, P("batch"))
+    xs = jax.device_put(x, shard)
+    for m in (None, mask):
+      ms = None if m is None else jax.device_put(m, shard)
+      got = (jax.jit(stats)(xs, ms), jax.jit(jax.grad(loss))(xs, ms))
+      (wc, wd), wg = want[m is None]
+      np.testing.assert_array_equal(got[0][0], wc)  # an order statistic
+      np.testing.assert_allclose(got[0][1], wd, rtol=1e-5)
+      np.testing.assert_allclose(got[1], wg, rtol=1e-5, atol=1e-7)
+      assert got[1].sharding.spec[0] == "batch"
+    z1, v1 = jax.jit(step)(variables, xs)
+    z2, v2 = jax.jit(step)({**variables, **v1}, xs)
+  for got, ref_ in ((z1, y1), (z2, y2), (v1, u1), (v2, u2)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-5, atol=1e-6), got, ref_)
