@@ -231,7 +231,8 @@ def test_pmap_gradients_equal_one_device(groups_name):
     np.testing.assert_allclose(got, len(group) * want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("approximate", [False, True])
+@pytest.mark.parametrize(
+    "approximate", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_sharded_jit_on_an_explicit_mesh_equals_one_device(approximate):
   # jax.make_mesh's axes are Explicit (sharding in types): JAX rejects a
   # slice of a sharded dimension that does not divide over the mesh, and

@@ -120,8 +120,8 @@ def test_fresh_running_averages_start_cold():
 @pytest.mark.parametrize(
   "deviation, kwargs",
   [
-    ("superquantile", dict(alpha=0.9)),
-    ("median_abs", dict()),
+    pytest.param("superquantile", dict(alpha=0.9), marks=pytest.mark.slow),
+    pytest.param("median_abs", dict(), marks=pytest.mark.slow),
     ("mixed_superquantile", dict(levels=(0.5, 0.9), weights=(0.25, 0.75))),
   ],
 )
