@@ -28,7 +28,8 @@ def _read_csv(path):
 
 @pytest.mark.slow
 def test_tiny_image_folder_run_records_time_and_precise_stats(tmp_path,
-                                                               monkeypatch):
+                                                               monkeypatch,
+                                                               capsys):
   """--dataset cifar10 on a generated image folder, the plain CNN, with
   augmentation (the default) and --precise-stats through a stand-in for
   gbn_jax.linen.recompute_batch_stats (identity: both evaluations agree)."""
@@ -67,6 +68,11 @@ def test_tiny_image_folder_run_records_time_and_precise_stats(tmp_path,
   assert "ms / step" in text and "time to" in text
   assert "final test error, precise stats (%)" in text
   assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  # --no-progress: one log line per evaluation instead of a bar.
+  log = [line for line in capsys.readouterr().err.splitlines()
+         if " step " in line and "test acc" in line]
+  assert [line.split(" step ")[1].split(":")[0] for line in log] == [
+      "2/4", "4/4"]
 
 
 def test_precise_stats_without_the_library_function_is_a_clear_error(
@@ -79,8 +85,6 @@ def test_precise_stats_without_the_library_function_is_a_clear_error(
 
 
 def test_precise_stats_with_the_library_function(tmp_path):
-  if not hasattr(training.gbn_linen, "recompute_batch_stats"):
-    pytest.skip("gbn_jax.linen.recompute_batch_stats not available yet")
   out = tmp_path / "run"
   train.main(["--dataset", "digits", "--model", "mlp", "--width", "16",
               "--norm", "gbn-superquantile", "none", "--seeds", "1",

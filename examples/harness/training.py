@@ -364,14 +364,21 @@ def train_run(spec, cfg: RunConfig, programs: Programs, data: DeviceData,
            round(elapsed / (b - a), 5))
     bar.set_postfix(acc=f"{accs[0]:.3f}")
     bar.update(b - a)
+    if not cfg.progress:  # a log line per evaluation instead of the bar
+      print(f"{_label(cfg, spec, seed, lr)} step {b}/{cfg.steps}:"
+            f" loss {np.mean(losses):.4f} test acc {accs[0]:.4f}"
+            f" ({train_seconds:.0f} s)", file=sys.stderr, flush=True)
   bar.close()
   return rows
 
 
+def _label(cfg: RunConfig, spec, seed, lr) -> str:
+  return f"{cfg.dataset}/{cfg.model}/{spec.label} lr={lr:g} seed={seed}"
+
+
 def _progress(cfg: RunConfig, spec, seed, lr):
-  desc = f"{cfg.dataset}/{cfg.model}/{spec.label} lr={lr:g} seed={seed}"
-  return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress,
-              leave=False, file=sys.stderr)
+  return tqdm(total=cfg.steps, desc=_label(cfg, spec, seed, lr),
+              disable=not cfg.progress, leave=False, file=sys.stderr)
 
 
 def experiment_phases(main_lr: float, lrs, n_seeds: int,
