@@ -316,7 +316,8 @@ class Measures:
     # its level, or Σ_j λ_j Φ^-1(α_j) for a weighted mix of quantiles (a
     # base of 0 there put every level's guess tens of standard errors off).
     own = self.statistic_spec.levels(**self.statistic_kwargs)
-    weights = self.statistic_kwargs.get("weights") or (1.0,) * len(own)
+    equal = (1.0 / len(own),) * len(own)
+    weights = self.statistic_kwargs.get("weights") or equal
     base = sum(
       float(w) * _NORMAL.inv_cdf(a) for a, w in zip(own, weights, strict=True)
     )
