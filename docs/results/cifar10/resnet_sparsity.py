@@ -6,10 +6,10 @@ addition, not a ReLU. Centred at its α-quantile, that branch is negative
 for a fraction α of its values before the addition; if the ReLU after it
 zeroed more of the sum block after block, the blocks' outputs would grow
 sparser with depth than a plain-CNN layer's (a fraction α of zeros, by
-construction, at init). For each norm this prints
-the fraction of exact zeros in each block's output (after the ReLU), in
-training mode on the first 128 training images, with the initial
-parameters (seed 0; γ = 1, β = 0).
+construction, at init). For each norm this prints the fraction of exact
+zeros in each block's output (after the ReLU), in training mode on the
+first 128 training images, with the initial parameters (seed 0; γ = 1,
+β = 0).
 
   python docs/results/cifar10/resnet_sparsity.py --data-dir DATA
 """
