@@ -75,11 +75,11 @@ from harness.models import (  # noqa: E402,F401
 from harness.plots import plot_curves  # noqa: E402
 from harness.results import (  # noqa: E402,F401
   CSV_COLUMNS,
-  _ms,
   append_rows,
   choose_target,
   diverged,
   lr_sweep_table,
+  mean_std,
   read_rows,
   runs_of,
   steps_to,

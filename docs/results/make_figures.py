@@ -119,7 +119,7 @@ def overview(groups) -> str:
         continue
       target = train.choose_target(runs, key[:3], MAIN_LR)
       by_seed = runs[key]
-      errs.append(train._ms(final_errors(by_seed)))
+      errs.append(train.mean_std(final_errors(by_seed)))
       h = [train.steps_to(rs, target) for rs in by_seed.values()]
       got = [x for x in h if x is not None]
       hits.append(f"{np.mean(got):.0f} ({len(got)}/{len(h)})" if got

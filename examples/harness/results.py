@@ -122,7 +122,7 @@ def seconds_per_step(run_rows):
   return float(np.median(v)) if v else None
 
 
-def _ms(values, fmt="{:.2f}"):
+def mean_std(values, fmt="{:.2f}"):
   """Mean ± std (over seeds) of the values that are not None, formatted."""
   v = [x for x in values if x is not None]
   if not v:
@@ -181,14 +181,16 @@ def summary_table(runs, group, lr, target, per_seed=False) -> str:
     t = step_time[key[3]]
     ratio = "—" if t is None or not bn_time else f"{t / bn_time:.2f}"
     line = (
-        f"| {key[3]} | {_ms(errs)} | {_ms(hits, '{:.0f}')} |"
+        f"| {key[3]} | {mean_std(errs)} | {mean_std(hits, '{:.0f}')} |"
         f" {sum(h is not None for h in hits)}/{len(hits)} | {div} |"
-        f" {_ms(times, '{:.1f}')} | {'—' if t is None else f'{1e3 * t:.1f}'} |"
+        f" {mean_std(times, '{:.1f}')} |"
+        f" {'—' if t is None else f'{1e3 * t:.1f}'} |"
         f" {ratio} |"
     )
     if precise:
       finals = [rs[-1].get("test_acc_precise", NAN) for rs in by_seed.values()]
-      line += " " + _ms([100 * (1 - a) for a in finals if math.isfinite(a)])
+      errors = [100 * (1 - a) for a in finals if math.isfinite(a)]
+      line += " " + mean_std(errors)
       line += " |"
     lines.append(line)
     for s, rs in sorted(by_seed.items()):
@@ -201,11 +203,11 @@ def summary_table(runs, group, lr, target, per_seed=False) -> str:
   return out + ("\n\nPer seed:\n\n" + "\n".join(seed_lines) if per_seed else "")
 
 
-def _final_error(by_seed) -> str:
-  return _ms([100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()])
+def final_error(by_seed) -> str:
+  return mean_std([100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()])
 
 
-def _final_loss(by_seed) -> float:
+def mean_final_loss(by_seed) -> float:
   v = [rs[-1]["train_loss"] for rs in by_seed.values()]
   return np.mean(v) if all(math.isfinite(x) for x in v) else math.inf
 
@@ -227,12 +229,12 @@ def lr_sweep_table(runs, group) -> str:
     stable = [lr for lr, bs in lrs.items()
               if not any(diverged(rs) for rs in bs.values())]
 
-    best = min(lrs, key=lambda lr, lrs=lrs: _final_loss(lrs[lr]))
+    best = min(lrs, key=lambda lr, lrs=lrs: mean_final_loss(lrs[lr]))
     top = max(stable) if stable else None
-    top_err = "—" if top is None else _final_error(lrs[top])
+    top_err = "—" if top is None else final_error(lrs[top])
     lines.append(
         f"| {label} | {len(lrs)} | {'—' if top is None else f'{top:g}'} |"
-        f" {top_err} | {best:g} | {_final_error(lrs[best])} |"
+        f" {top_err} | {best:g} | {final_error(lrs[best])} |"
     )
   return "\n".join(lines)
 

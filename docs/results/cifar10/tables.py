@@ -69,11 +69,11 @@ def main(argv=None):
     if group not in targets:
       targets[group] = results.choose_target(all_runs, group, args.lr)
     seeds = sorted(by_seed)
-    error = results._ms([100 * (1 - by_seed[s][-1]["test_acc"])
+    error = results.mean_std([100 * (1 - by_seed[s][-1]["test_acc"])
                          for s in seeds], "{:.1f}")
     if all(results.diverged(by_seed[s]) for s in seeds):
       error += " (diverged)"
-    precise = results._ms([100 * (1 - by_seed[s][-1]["test_acc_precise"])
+    precise = results.mean_std([100 * (1 - by_seed[s][-1]["test_acc_precise"])
                            for s in seeds], "{:.1f}")
     steps = ", ".join(_fmt(results.steps_to(by_seed[s], targets[group]),
                            "{:,}") for s in seeds)
@@ -85,7 +85,7 @@ def main(argv=None):
       ahead = (f"{sum(c[0] for c in counts)} of {sum(c[1] for c in counts)}"
                if counts else "—")
     print(f"| {key[3]} | {', '.join(map(str, seeds))} | {error} | {precise}"
-          f" | {results._final_loss(by_seed):.3f} | {steps} | {ahead} |")
+          f" | {results.mean_final_loss(by_seed):.3f} | {steps} | {ahead} |")
   print()
   print("Targets: " + ", ".join(f"{'/'.join(g)} {100 * t:.0f}%"
                                 for g, t in targets.items()))
