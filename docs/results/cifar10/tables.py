@@ -9,9 +9,16 @@ and seed: test accuracy at given steps, the first evaluated step at which
 given accuracies were reached, and the evaluations ahead of BN. Last, the
 mean over seeds of the accuracies at the steps.
 
+With --sweep (for the lr sweep's results.csv): one row per norm, one column
+per learning rate, each cell the final test error (%) and, in brackets, the
+final training loss (mean over seeds); a dagger marks a run the harness
+counts as diverged (non-finite loss, or final training loss above ln 10).
+
   python docs/results/cifar10/tables.py \\
       docs/results/cifar10_cnn/results.csv --steps 195 585 1950 \\
       --accuracies 0.3 0.4 0.5 0.6
+  python docs/results/cifar10/tables.py --sweep \\
+      docs/results/cifar10_cnn_lr_sweep/results.csv
 """
 
 import argparse
@@ -44,6 +51,31 @@ def _ahead(run_rows, ref_rows):
   return sum(a > b for a, b in pairs), len(pairs)
 
 
+def sweep_table(all_runs) -> str:
+  """Markdown grid: norm x lr, final test error % (final training loss)."""
+  lrs = sorted({k[4] for k in all_runs})
+  by_norm: dict = {}
+  for key, by_seed in all_runs.items():
+    by_norm.setdefault(key[3], {})[key[4]] = by_seed
+  lines = ["| norm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+           "|" + "---|" * (1 + len(lrs))]
+  for label, per_lr in by_norm.items():
+    cells = []
+    for lr in lrs:
+      by_seed = per_lr.get(lr)
+      if by_seed is None:
+        cells.append("—")
+        continue
+      error = sum(100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values())
+      error /= len(by_seed)
+      dagger = " †" if any(results.diverged(rs) for rs in by_seed.values())\
+          else ""
+      cells.append(f"{error:.1f} ({results.mean_final_loss(by_seed):.2f})"
+                   f"{dagger}")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("csv")
@@ -53,9 +85,14 @@ def main(argv=None):
   p.add_argument("--lr", type=float, default=0.1)
   p.add_argument("--reference", default="bn",
                  help="the norm label the 'ahead' columns compare with")
+  p.add_argument("--sweep", action="store_true",
+                 help="print the lr sweep's grid (norm x lr) instead")
   args = p.parse_args(argv)
 
   all_runs = results.runs_of(results.read_rows(args.csv))
+  if args.sweep:
+    print(sweep_table(all_runs))
+    return
   runs = {k: v for k, v in all_runs.items() if k[4] == args.lr}
   reference = {k[:3]: v for k, v in runs.items() if k[3] == args.reference}
 
@@ -70,11 +107,12 @@ def main(argv=None):
       targets[group] = results.choose_target(all_runs, group, args.lr)
     seeds = sorted(by_seed)
     error = results.mean_std([100 * (1 - by_seed[s][-1]["test_acc"])
-                         for s in seeds], "{:.1f}")
+                              for s in seeds], "{:.1f}")
     if all(results.diverged(by_seed[s]) for s in seeds):
       error += " (diverged)"
-    precise = results.mean_std([100 * (1 - by_seed[s][-1]["test_acc_precise"])
-                           for s in seeds], "{:.1f}")
+    precise = results.mean_std(
+        [100 * (1 - by_seed[s][-1]["test_acc_precise"]) for s in seeds],
+        "{:.1f}")
     steps = ", ".join(_fmt(results.steps_to(by_seed[s], targets[group]),
                            "{:,}") for s in seeds)
     refs = reference.get(group, {})
