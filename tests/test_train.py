@@ -1,6 +1,7 @@
 """The experiment runner examples/train.py: data, models, outputs, summaries."""
 
 import csv
+import importlib.util
 import math
 import os
 import pickle
@@ -14,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import train  # noqa: E402
+from harness import results  # noqa: E402
 
 ALL_NORMS = ("bn", "gbn-superquantile", "gbn-mean_abs", "gbn-median_abs",
              "gbn-half_range", "l1bn", "none", "selu")
@@ -228,3 +230,35 @@ def test_steps_to_target_divergence_and_tables():
   assert "| none | 90.00 (1 seed) | — | 0/1 | 1 |" in table
   sweep = train.lr_sweep_table(runs, ("d", "m", "sgd"))
   assert "| bn | 2 | 0.1 |" in sweep  # lr 1.0 diverged, 0.1 is the largest stable
+
+
+def test_study_sweep_grid_groups_by_norm_and_lr():
+  """The CIFAR study's sweep grid (docs/results/cifar10/tables.py --sweep):
+  one row per norm, one cell per lr, mean final error (final loss), † when
+  the harness counts a seed diverged, — for an lr the norm did not run."""
+  a0 = _rows("bn", 0, [0.1, 0.5, 0.8, 0.9], [math.nan, 2.0, 1.0, 0.5])
+  a1 = _rows("bn", 1, [0.1, 0.7, 0.85, 0.7], [math.nan, 2.0, 1.0, 0.3])
+  big = _rows("bn", 0, [0.1, 0.2, 0.2, 0.1], [math.nan, 2.2, 2.5, 3.0], lr=1.0)
+  sq = _rows("gbn-superquantile", 0, [0.1, 0.3, 0.6, 0.75],
+             [math.nan, 2.0, 1.5, 1.2], lr=1.0)
+  other = [dict(r, dataset="e") for r in a0]
+  runs = train.runs_of(a0 + a1 + big + sq + other)
+  group = ("d", "m", "sgd")
+  by_norm = results.runs_by_norm_and_lr(runs, group)
+  assert {k: sorted(v) for k, v in by_norm.items()} == {
+      "bn": [0.1, 1.0], "gbn-superquantile": [1.0]}
+  assert sorted(by_norm["bn"][0.1]) == [0, 1]
+  assert np.allclose(sorted(results.final_errors(by_norm["bn"][0.1])),
+                     [10.0, 30.0])
+
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "results",
+                      "cifar10", "tables.py")
+  spec = importlib.util.spec_from_file_location("study_tables", path)
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+  grid = tables.sweep_table(runs, group).splitlines()
+  assert grid[0] == "| norm | lr 0.1 | lr 1 |"
+  # bn at 0.1: errors 10 and 30 -> 20.0, losses 0.5 and 0.3 -> 0.40.
+  assert "| bn | 20.0 (0.40) | 90.0 (3.00) † |" in grid
+  assert "| gbn-superquantile | — | 25.0 (1.20) |" in grid
+  assert len(grid) == 4  # header, rule, two norms: dataset "e" is left out

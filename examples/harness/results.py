@@ -203,8 +203,13 @@ def summary_table(runs, group, lr, target, per_seed=False) -> str:
   return out + ("\n\nPer seed:\n\n" + "\n".join(seed_lines) if per_seed else "")
 
 
+def final_errors(by_seed) -> list[float]:
+  """Final test error (%) of each seed's run."""
+  return [100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()]
+
+
 def final_error(by_seed) -> str:
-  return mean_std([100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values()])
+  return mean_std(final_errors(by_seed))
 
 
 def mean_final_loss(by_seed) -> float:
@@ -212,13 +217,20 @@ def mean_final_loss(by_seed) -> float:
   return np.mean(v) if all(math.isfinite(x) for x in v) else math.inf
 
 
-def lr_sweep_table(runs, group) -> str:
-  """Markdown: per norm, the largest lr of the grid where no seed diverged,
-  the test error there, and the best lr (lowest mean final training loss)."""
-  by_norm = defaultdict(dict)
+def runs_by_norm_and_lr(runs, group) -> dict:
+  """The runs of one (dataset, model, optimizer) group as
+  ``{norm label: {lr: {seed: run rows}}}``, norms in first-seen order."""
+  by_norm: dict = defaultdict(dict)
   for key, by_seed in runs.items():
     if key[:3] == group:
       by_norm[key[3]][key[4]] = by_seed
+  return dict(by_norm)
+
+
+def lr_sweep_table(runs, group) -> str:
+  """Markdown: per norm, the largest lr of the grid where no seed diverged,
+  the test error there, and the best lr (lowest mean final training loss)."""
+  by_norm = runs_by_norm_and_lr(runs, group)
   lines = [
       "| norm | lrs tried | largest stable lr | test error there (%) |"
       " best lr (min train loss) | test error there (%) |",

@@ -25,6 +25,8 @@ import argparse
 import os
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "examples"))
 
@@ -51,12 +53,11 @@ def _ahead(run_rows, ref_rows):
   return sum(a > b for a, b in pairs), len(pairs)
 
 
-def sweep_table(all_runs) -> str:
-  """Markdown grid: norm x lr, final test error % (final training loss)."""
-  lrs = sorted({k[4] for k in all_runs})
-  by_norm: dict = {}
-  for key, by_seed in all_runs.items():
-    by_norm.setdefault(key[3], {})[key[4]] = by_seed
+def sweep_table(all_runs, group) -> str:
+  """Markdown grid of one (dataset, model, optimizer) group: norm x lr, final
+  test error % (final training loss), mean over seeds."""
+  by_norm = results.runs_by_norm_and_lr(all_runs, group)
+  lrs = sorted({lr for per_lr in by_norm.values() for lr in per_lr})
   lines = ["| norm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
            "|" + "---|" * (1 + len(lrs))]
   for label, per_lr in by_norm.items():
@@ -66,8 +67,7 @@ def sweep_table(all_runs) -> str:
       if by_seed is None:
         cells.append("—")
         continue
-      error = sum(100 * (1 - rs[-1]["test_acc"]) for rs in by_seed.values())
-      error /= len(by_seed)
+      error = float(np.mean(results.final_errors(by_seed)))
       dagger = " †" if any(results.diverged(rs) for rs in by_seed.values())\
           else ""
       cells.append(f"{error:.1f} ({results.mean_final_loss(by_seed):.2f})"
@@ -91,7 +91,10 @@ def main(argv=None):
 
   all_runs = results.runs_of(results.read_rows(args.csv))
   if args.sweep:
-    print(sweep_table(all_runs))
+    groups = sorted({k[:3] for k in all_runs})
+    print("\n\n".join(
+        (f"{' / '.join(g)}\n\n" if len(groups) > 1 else "")
+        + sweep_table(all_runs, g) for g in groups))
     return
   runs = {k: v for k, v in all_runs.items() if k[4] == args.lr}
   reference = {k[:3]: v for k, v in runs.items() if k[3] == args.reference}
