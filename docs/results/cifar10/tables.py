@@ -9,10 +9,11 @@ and seed: test accuracy at given steps, the first evaluated step at which
 given accuracies were reached, and the evaluations ahead of BN. Last, the
 mean over seeds of the accuracies at the steps.
 
-With --sweep (for the lr sweep's results.csv): one row per norm, one column
-per learning rate, each cell the final test error (%) and, in brackets, the
-final training loss (mean over seeds); a dagger marks a run the harness
-counts as diverged (non-finite loss, or final training loss above ln 10).
+With --sweep (for the lr sweep's results.csv): per (dataset, model, optimizer)
+group, one row per norm, one column per learning rate, each cell the final
+test error (%) and, in brackets, the final training loss (mean over seeds); a
+dagger marks a run the harness counts as diverged (non-finite loss, or final
+training loss above ln 10).
 
   python docs/results/cifar10/tables.py \\
       docs/results/cifar10_cnn/results.csv --steps 195 585 1950 \\
