@@ -22,12 +22,12 @@ def plot_curves(rows, path, lr=None) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   runs = results.runs_of(rows)
-  groups = sorted({k[:3] for k in runs})
+  groups = results.groups_of(runs)
   fig, axes = plt.subplots(len(PANELS), len(groups),
                            figsize=(6 * len(groups), 3.6 * len(PANELS)),
                            squeeze=False)
   for col, group in enumerate(groups):
-    lrs = sorted({k[4] for k in runs if k[:3] == group})
+    lrs = results.lrs_of(runs, group)
     ref = lr if lr in lrs else lrs[len(lrs) // 2]
     keys = sorted(k for k in runs if k[:3] == group and k[4] == ref)
     for i, key in enumerate(keys):

@@ -88,6 +88,16 @@ def runs_of(rows):
   return runs
 
 
+def groups_of(runs) -> list[tuple]:
+  """The sorted (dataset, model, optimizer) groups of ``runs_of``'s keys."""
+  return sorted({key[:3] for key in runs})
+
+
+def lrs_of(runs, group) -> list[float]:
+  """The sorted learning rates that ``group`` has runs at."""
+  return sorted({key[4] for key in runs if key[:3] == group})
+
+
 def diverged(run_rows) -> bool:
   """A run diverged if its loss became non-finite, or its final training loss
   is above ln(10) = the loss of a uniform guess over 10 classes."""
@@ -256,10 +266,9 @@ def write_summary(rows, path, lr=None, target=None, per_seed=True) -> str:
   optimizer) group: the main table at ``lr`` and, with several lrs, the
   sweep."""
   runs = runs_of(rows)
-  groups = sorted({k[:3] for k in runs})
   parts = []
-  for group in groups:
-    lrs = sorted({k[4] for k in runs if k[:3] == group})
+  for group in groups_of(runs):
+    lrs = lrs_of(runs, group)
     ref = lr if lr in lrs else (lrs[len(lrs) // 2] if lr is None else None)
     ref = lrs[0] if ref is None else ref
     tgt = choose_target(runs, group, ref) if target is None else target

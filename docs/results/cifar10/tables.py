@@ -92,7 +92,7 @@ def main(argv=None):
 
   all_runs = results.runs_of(results.read_rows(args.csv))
   if args.sweep:
-    groups = sorted({k[:3] for k in all_runs})
+    groups = results.groups_of(all_runs)
     print("\n\n".join(
         (f"{' / '.join(g)}\n\n" if len(groups) > 1 else "")
         + sweep_table(all_runs, g) for g in groups))
