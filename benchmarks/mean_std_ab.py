@@ -29,9 +29,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import gbn_jax  # noqa: E402
-from gbn_jax import functional  # noqa: E402
-from speed import SHAPES, make_step, run_once  # noqa: E402
+from speed import SHAPES, make_step, run_once
+
+import gbn_jax
+from gbn_jax import functional
 
 
 def _bn_formula_step(x):
@@ -75,7 +76,7 @@ def main(repeats=21, inner=5):
         "safe_sums": _module_step(x, overflow_safe=True),
         "bn_formula": _bn_formula_step(x),
     }
-    for step, args in list(steps.values()) + [(bn_step, bn_args)]:
+    for step, args in [*steps.values(), (bn_step, bn_args)]:
       for _ in range(3):
         run_once(step, args)
     ratios = {name: [] for name in steps}

@@ -1,4 +1,5 @@
-"""``make demo``: a quick BN vs GBN (superquantile) run on MNIST-1D, then its summary.
+"""``make demo``: a quick BN vs GBN (superquantile) run on MNIST-1D, then its
+summary.
 
 Runs ``examples/train.py --quick`` (mnist1d, MLP, ``bn`` and
 ``gbn-superquantile``, 2 seeds, 400 steps; under two minutes on 2 CPU cores,
@@ -22,7 +23,7 @@ def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--out" not in argv:
     argv += ["--out", os.path.join("runs", "demo")]
-  text = train.main(["--quick"] + argv)
+  text = train.main(["--quick", *argv])
   print(text)
   out = argv[argv.index("--out") + 1]
   print(f"Wrote {out}/results.csv, {out}/summary.md and {out}/curves.png")

@@ -10,7 +10,8 @@ global one.
 On a CPU-only machine, simulate 8 devices (the flag must be set before jax is
 imported):
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/multi_device.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python examples/multi_device.py
 
 Data: synthetic 16x16 images of two classes (oriented stripes + noise), so
 the example needs no download.
@@ -84,7 +85,8 @@ def main():
   model = CNN(approximate=args.approximate)
   rng = np.random.default_rng(0)
   x0, _ = make_data(rng, args.batch)
-  variables = model.init(jax.random.PRNGKey(0), x0[: args.batch // n_dev], train=False)
+  variables = model.init(jax.random.PRNGKey(0), x0[: args.batch // n_dev],
+                         train=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
@@ -124,17 +126,20 @@ def main():
 
   @jax.jit
   def accuracy(params, batch_stats, x, y):
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                         train=False)
     return jnp.mean(jnp.argmax(logits, -1) == y)
 
   x_test, y_test = make_data(np.random.default_rng(1), 512)
   for i in range(args.steps):
     x, y = make_data(rng, args.batch)
     x, y = jax.device_put(x, shard), jax.device_put(y, shard)
-    params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
+    params, batch_stats, opt_state, loss = step(params, batch_stats,
+                                                opt_state, x, y)
     if i % 10 == 0 or i == args.steps - 1:
       acc = accuracy(params, batch_stats, x_test, y_test)
-      print(f"step {i:4d}  loss {float(loss):.4f}  test accuracy {float(acc):.3f}")
+      print(f"step {i:4d}  loss {float(loss):.4f}"
+            f"  test accuracy {float(acc):.3f}")
 
 
 if __name__ == "__main__":

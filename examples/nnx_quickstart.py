@@ -30,7 +30,6 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
@@ -64,7 +63,7 @@ def main(argv=None):
       self.head = nnx.Linear(10 * width, 10, rngs=rngs)
 
     def __call__(self, x):
-      for conv, bn in zip(self.convs, self.norms):
+      for conv, bn in zip(self.convs, self.norms, strict=True):
         x = nnx.relu(bn(conv(x)))
       return self.head(x.reshape(x.shape[0], -1))
 

@@ -52,6 +52,7 @@ def load_mnist1d():
 
 def make_model(norm: str, width: int = 128, momentum: float = 0.99):
   import flax.linen as nn
+
   import gbn_jax
 
   def norm_layer(train):
@@ -59,7 +60,8 @@ def make_model(norm: str, width: int = 128, momentum: float = 0.99):
     if norm == "bn":
       return nn.BatchNorm(use_running_average=ura, momentum=momentum)
     if norm == "gbn":
-      return gbn_jax.GeneralizedBatchNorm(use_running_average=ura, momentum=momentum)
+      return gbn_jax.GeneralizedBatchNorm(use_running_average=ura,
+                                          momentum=momentum)
     if norm == "gbn-online":
       return gbn_jax.GeneralizedBatchNorm(
           use_running_average=ura, momentum=momentum, mode="online"
@@ -140,25 +142,27 @@ def run(norm, batch, steps, seeds, lr, data):
   acc, loss, finite = jax.device_get(fn(keys, jnp.asarray(idx)))
   return dict(
       norm=norm, batch=batch, steps=steps, lr=lr, seeds=list(seeds),
-      test_acc=[float(a) for a in acc], train_loss=[float(l) for l in loss],
+      test_acc=[float(a) for a in acc], train_loss=[float(v) for v in loss],
       finite=[bool(f) for f in finite], seconds=time.time() - t0,
   )
 
 
 def table(results) -> str:
+  seeds = sorted({len(r["seeds"]) for r in results})
   lines = [
-      "| batch | norm | test acc % (mean ± std, 3 seeds) | per seed |"
+      f"| batch | norm | test acc % (mean ± std, {'/'.join(map(str, seeds))}"
+      " seeds) | per seed |"
       " train loss (last 10%) |",
       "|---|---|---|---|---|",
   ]
   for r in results:
     a = 100 * np.asarray(r["test_acc"])
-    l = np.asarray(r["train_loss"])
+    loss = np.asarray(r["train_loss"])
     per = ", ".join(f"{v:.1f}" for v in a)
     nan = "" if all(r["finite"]) else " (non-finite loss)"
     lines.append(
         f"| {r['batch']} | {r['norm']} | {a.mean():.1f} ± {a.std():.1f} |"
-        f" {per} | {np.nanmean(l):.3f}{nan} |"
+        f" {per} | {np.nanmean(loss):.3f}{nan} |"
     )
   return "\n".join(lines)
 
@@ -170,7 +174,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=16000)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--lr", type=float, default=1e-3)
-  ap.add_argument("--out", default=None, help="folder for results.json, table.md")
+  ap.add_argument("--out", default=None,
+                  help="folder for results.json, table.md")
   ap.add_argument("--quick", action="store_true", help="200 steps, 1 seed")
   args = ap.parse_args(argv)
   if args.quick:
@@ -182,7 +187,8 @@ def main(argv=None):
   for batch in args.batch_sizes:
     for norm in args.norms:
       if norm == "gbn" and batch == 1:
-        print(f"batch {batch} {norm}: skipped (D = 0 for one value)", flush=True)
+        print(f"batch {batch} {norm}: skipped (D = 0 for one value)",
+              flush=True)
         continue
       t0 = time.time()
       r = run(norm, batch, args.steps, range(args.seeds), args.lr, data)
@@ -191,7 +197,8 @@ def main(argv=None):
       a = 100 * np.asarray(r["test_acc"])
       print(
           f"batch {batch} {norm:11s} acc {a.mean():5.1f} ± {a.std():4.1f}"
-          f" loss {np.mean(r['train_loss']):.3f} ({r['wall_with_compile']:.0f}s)",
+          f" loss {np.mean(r['train_loss']):.3f}"
+          f" ({r['wall_with_compile']:.0f}s)",
           flush=True,
       )
   md = table(results)
