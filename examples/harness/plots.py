@@ -29,7 +29,7 @@ def plot_curves(rows, path, lr=None) -> None:
   for col, group in enumerate(groups):
     lrs = results.lrs_of(runs, group)
     ref = lr if lr in lrs else lrs[len(lrs) // 2]
-    keys = sorted(k for k in runs if k[:3] == group and k[4] == ref)
+    keys = results.keys_at(runs, group, ref)
     for i, key in enumerate(keys):
       by_seed = list(runs[key].values())
       n = min(len(rs) for rs in by_seed)  # seeds cut short plot their prefix

@@ -98,6 +98,11 @@ def lrs_of(runs, group) -> list[float]:
   return sorted({key[4] for key in runs if key[:3] == group})
 
 
+def keys_at(runs, group, lr) -> list[tuple]:
+  """The sorted run keys of ``group`` at learning rate ``lr``, one per norm."""
+  return sorted(key for key in runs if key[:3] == group and key[4] == lr)
+
+
 def diverged(run_rows) -> bool:
   """A run diverged if its loss became non-finite, or its final training loss
   is above ln(10) = the loss of a uniform guess over 10 classes."""
@@ -147,9 +152,8 @@ def choose_target(runs, group, lr) -> float:
   """Default target: 98% of BN's mean final test accuracy at this lr (of the
   best norm's when there is no ``bn`` run), rounded down to 0.01 -- "steps to
   reach (almost) BN's accuracy", the paper's claim."""
-  finals = {key[3]: np.mean([rs[-1]["test_acc"] for rs in by_seed.values()])
-            for key, by_seed in runs.items()
-            if key[:3] == group and key[4] == lr}
+  finals = {key[3]: np.mean([rs[-1]["test_acc"] for rs in runs[key].values()])
+            for key in keys_at(runs, group, lr)}
   ref = finals.get("bn", max(finals.values(), default=0.0))
   return math.floor(98 * ref) / 100
 
@@ -165,7 +169,7 @@ def _has_precise(by_seed) -> bool:
 def summary_table(runs, group, lr, target, per_seed=False) -> str:
   """Markdown: per norm (at one lr) final test error, steps and training time
   to target, time per step and its ratio to bn's."""
-  keys = sorted(k for k in runs if k[:3] == group and k[4] == lr)
+  keys = keys_at(runs, group, lr)
   step_time = {}
   for key in keys:
     per_run = [seconds_per_step(rs) for rs in runs[key].values()]
