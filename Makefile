@@ -37,7 +37,7 @@ test-all: $(VENV)/.installed-test
 	$(PYTEST) tests
 
 lint: $(VENV)/.installed-lint
-	$(VENV)/bin/ruff check gbn_jax examples benchmarks docs/results
+	$(VENV)/bin/ruff check gbn_jax examples benchmarks docs/results tests
 	$(VENV)/bin/ruff format --check gbn_jax
 	$(VENV)/bin/mypy
 

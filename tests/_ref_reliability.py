@@ -1,9 +1,9 @@
 """A small float64 NumPy reference for the reliability tests (docs/SPEC.md §2).
 
-Written from the formulas of docs/SPEC.md, independently of gbn_jax: one channel at a
-time, sorted values, explicit sums. Only the rank rule copies the library's
-documented float32 product k = ceil(float32(α) · n), so that ranks agree where
-float64 would round α n differently.
+Written from the formulas of docs/SPEC.md, independently of gbn_jax: one
+channel at a time, sorted values, explicit sums. Only the rank rule copies the
+library's documented float32 product k = ceil(float32(α) · n), so that ranks
+agree where float64 would round α n differently.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def quantile(v: np.ndarray, alpha: float) -> float:
 
 
 def superquantile_value(v: np.ndarray, alpha: float) -> float:
-  """L-estimator form (docs/SPEC.md §2): ((k - α n) x_(k) + Σ_{i>k} x_(i)) / ((1-α) n)."""
+  """L-estimator form (docs/SPEC.md §2).
+
+  ((k - α n) x_(k) + Σ_{i>k} x_(i)) / ((1-α) n).
+  """
   n = v.size
   if n == 0:
     return 0.0
@@ -49,7 +52,8 @@ def statistic(v, name, *, alpha=0.5, levels=None, weights=None):
   if name == "midrange":
     return (v.max() + v.min()) / 2
   if name == "mixed_quantile":
-    return float(sum(w * quantile(v, a) for a, w in zip(levels, weights)))
+    return float(sum(w * quantile(v, a)
+                     for a, w in zip(levels, weights, strict=True)))
   raise KeyError(name)
 
 
@@ -76,7 +80,8 @@ def deviation(v, name, *, alpha=0.5, p=2.0, levels=None, weights=None):
     return (v.max() - v.min()) / 2
   if name == "mixed_superquantile":
     return float(
-        sum(w * (superquantile_value(v, a) - mu) for a, w in zip(levels, weights))
+        sum(w * (superquantile_value(v, a) - mu)
+            for a, w in zip(levels, weights, strict=True))
     )
   if name == "abs_superquantile":
     return superquantile_value(np.abs(v - mu), alpha)
@@ -107,7 +112,7 @@ def gaussian_factor(name, *, alpha=0.5, p=2.0, levels=None, weights=None):
   if name == "superquantile":
     return 1 / sq(alpha)
   if name == "mixed_superquantile":
-    return 1 / sum(w * sq(a) for a, w in zip(levels, weights))
+    return 1 / sum(w * sq(a) for a, w in zip(levels, weights, strict=True))
   if name == "abs_superquantile":
     # CVaR_α of |Z|: its quantile function is Φ^-1((1 + u)/2).
     return (1 - alpha) / _st.norm.expect(
@@ -122,7 +127,8 @@ def batch_statistics(x, axes, *, statistic_name=None, deviation_name,
   axes = tuple(sorted({a % x.ndim for a in axes}))
   keep = [i for i in range(x.ndim) if i not in axes]
   m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
-  xt = np.transpose(x, keep + list(axes)).reshape([x.shape[i] for i in keep] + [-1])
+  xt = np.transpose(x, keep + list(axes)).reshape(
+      [x.shape[i] for i in keep] + [-1])
   mt = np.transpose(m, keep + list(axes)).reshape(xt.shape)
   stat = statistic_name or NATURAL[deviation_name]
   s_out = np.zeros(xt.shape[:-1])

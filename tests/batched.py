@@ -59,6 +59,6 @@ def many_statistics(x, configs, *, axes, mask=None, **sample_kw):
     if idx:
       out = _many(x, mask, measures=tuple(measures[i] for i in idx),
                   axes=_hashable(axes), sample_kw=sample_kw)
-      for i, r in zip(idx, out):
+      for i, r in zip(idx, out, strict=True):
         results[i] = r
   return results

@@ -1,4 +1,6 @@
-"""NumPy reference implementations of the catalogue (docs/SPEC.md §2), for the tests.
+"""NumPy reference implementations of the catalogue (docs/SPEC.md §2).
+
+For the tests.
 
 Written from docs/SPEC.md, independently of ``gbn_jax``: every measure is a
 function of a 1-D float64 sample ``v`` (the valid values of one channel), and
@@ -81,7 +83,7 @@ def midrange(v):
 
 
 def mixed_quantile(v, *, levels, weights):
-  return sum(w * quantile(v, a) for a, w in zip(levels, weights))
+  return sum(w * quantile(v, a) for a, w in zip(levels, weights, strict=True))
 
 
 # --------------------------------------------------------------------------
@@ -129,7 +131,8 @@ def half_range(v):
 
 
 def mixed_superquantile(v, *, levels, weights):
-  return sum(w * superquantile(v, alpha=a) for a, w in zip(levels, weights))
+  return sum(w * superquantile(v, alpha=a)
+             for a, w in zip(levels, weights, strict=True))
 
 
 def abs_superquantile(v, *, alpha):
@@ -218,7 +221,7 @@ def normal_deviation(deviation: str, *, alpha=None, p=None, levels=None,
   if deviation == "mixed_superquantile":
     return sum(
         w * normal_deviation("superquantile", alpha=a)
-        for a, w in zip(levels, weights)
+        for a, w in zip(levels, weights, strict=True)
     )
   raise ValueError(f"no Gaussian constant for {deviation!r}")
 
@@ -246,8 +249,8 @@ def channel_samples(x, axes, mask=None):
   xt = np.transpose(x, keep + list(axes))
   mt = np.transpose(m, keep + list(axes))
   chan_shape = tuple(x.shape[i] for i in keep)
-  xt = xt.reshape(chan_shape + (-1,))
-  mt = mt.reshape(chan_shape + (-1,))
+  xt = xt.reshape((*chan_shape, -1))
+  mt = mt.reshape((*chan_shape, -1))
   for idx in np.ndindex(*chan_shape):
     yield idx, xt[idx][mt[idx]]
 
@@ -311,11 +314,13 @@ def normalize(x, center, dev, *, axes, epsilon=1e-5, scale=None, bias=None):
 
 
 def skewed(rng: np.random.Generator, shape, kind: str = "gamma") -> np.ndarray:
-  """Right-skewed float32 data (gamma(2) or lognormal), shifted to mixed sign."""
+  """Right-skewed float32 data (gamma(2) or lognormal), shifted to mixed
+  sign."""
   if kind == "gamma":
     v = rng.gamma(2.0, 1.0, size=shape) - 1.5
   elif kind == "lognormal":
     v = rng.lognormal(0.0, 0.75, size=shape) - 1.0
   else:
-    raise ValueError(f"unknown kind {kind!r}; valid choices: 'gamma', 'lognormal'")
+    raise ValueError(
+        f"unknown kind {kind!r}; valid choices: 'gamma', 'lognormal'")
   return v.astype(np.float32)

@@ -31,7 +31,8 @@ DEVS = sorted(gbn_jax.DEVIATIONS)
 FAST_DEVS = {"std", "mean_abs", "lp", "upper_semi", "lower_semi",
              "superquantile"}  # the rest run in the slow tier
 ORDER_STATS = ["quantile", "median", "midrange", "mixed_quantile"]
-ORDER_DEVS = ["superquantile", "median_abs", "half_range", "mixed_superquantile"]
+ORDER_DEVS = ["superquantile", "median_abs", "half_range",
+              "mixed_superquantile"]
 LEVELS = (0.3, 0.8)
 
 
@@ -48,7 +49,8 @@ def _identity(v):
 
 
 def _layer(x, deviation, statistic=None, mask=None, gaussian=False):
-  """(S, D, y) with gamma = 2, beta = 0.25 (the ``GeneralizedBatchNorm`` math)."""
+  """(S, D, y) with gamma = 2, beta = 0.25 (the ``GeneralizedBatchNorm``
+  math)."""
   kw = _params(deviation, statistic)
   if gaussian and deviation == "half_range":
     gaussian = False
@@ -62,7 +64,8 @@ def _layer(x, deviation, statistic=None, mask=None, gaussian=False):
 
 # one compilation per configuration and shape (un-jitted calls would
 # re-compile any lax.while_loop of the selection engine every time)
-_jit_layer = jax.jit(_layer, static_argnames=("deviation", "statistic", "gaussian"))
+_jit_layer = jax.jit(_layer,
+                     static_argnames=("deviation", "statistic", "gaussian"))
 
 
 _jit_stats = jax.jit(batch_statistics, static_argnames=(
@@ -81,14 +84,16 @@ def _normalize(x, s, d):
 def _layer_grads(x, mask, deviations):
   """d/dx of sum(y * w) through ``_layer`` for each deviation, ONE program."""
   w = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
-  return tuple(jax.grad(lambda v: jnp.sum(_layer(v, dev, None, mask)[2] * w))(x)
-               for dev in deviations)
+  return tuple(
+      jax.grad(lambda v, dev=dev: jnp.sum(_layer(v, dev, None, mask)[2] * w))(x)
+      for dev in deviations)
 
 
 def _grads_finite(x, mask=None):
   """{deviation: every gradient entry finite} for every deviation."""
   grads = _layer_grads(x, mask, tuple(DEVS))
-  return {dev: bool(jnp.all(jnp.isfinite(g))) for dev, g in zip(DEVS, grads)}
+  return {dev: bool(jnp.all(jnp.isfinite(g)))
+          for dev, g in zip(DEVS, grads, strict=True)}
 
 
 ALL_STATS = ["mean", "median", "quantile", "midrange", "mixed_quantile"]
@@ -107,8 +112,9 @@ def _layers(x, mask=None, statistics=ALL_STATS, deviations=DEVS):
              + [dict(statistic=st, deviation="std", **_params("std", st))
                 for st in statistics])
   res = many_statistics(x, configs, axes=0, mask=mask)
-  natural = dict(zip(deviations, res))
-  by_stat = {st: r[0] for st, r in zip(statistics, res[len(deviations):])}
+  natural = dict(zip(deviations, res, strict=False))
+  by_stat = {st: r[0] for st, r in zip(statistics, res[len(deviations):],
+                                        strict=True)}
   out = {}
   for dev in deviations:
     for st in [None, *statistics]:
@@ -148,7 +154,7 @@ def test_constant_channel_gives_beta_exactly(deviation):
       x, [dict(statistic=statistic, deviation=deviation,
                gaussian_consistent=gaussian, **_params(deviation, statistic))
           for statistic, gaussian in cases], axes=0)
-  for (statistic, _), (s, d) in zip(cases, results):
+  for (statistic, _), (s, d) in zip(cases, results, strict=True):
     y = _normalize(x, s, d)
     np.testing.assert_array_equal(np.asarray(d), 0.0)
     # XLA flushes subnormals to zero (CPU and GPU): S is c, or 0 for 1e-40
@@ -166,7 +172,7 @@ def test_constant_channel_gives_beta_exactly(deviation):
 def test_constant_channel_module_and_running_averages():
   x = jnp.broadcast_to(jnp.asarray([0.1, -7.3, 1e-40, 1e30]), (5, 4))
   outs = _apply_modules(x, bias_init=jax.nn.initializers.constant(0.5))
-  for dev, (y, upd) in zip(DEVS, outs):
+  for dev, (y, upd) in zip(DEVS, outs, strict=True):
     np.testing.assert_array_equal(np.asarray(y), 0.5, err_msg=dev)
     st = upd["batch_stats"]
     np.testing.assert_allclose(np.asarray(st["mean"]), 0.01 * _ftz(x[0]),
@@ -181,8 +187,9 @@ def _apply_modules(x, **fields):
                                        deviation=dev, **fields, **_params(dev))
           for dev in DEVS]
   variables = [m.init(jax.random.key(0), x) for m in mods]
-  return jax.jit(lambda vs, x: [m.apply(v, x, mutable=["batch_stats"])
-                                for m, v in zip(mods, vs)])(variables, x)
+  apply_all = jax.jit(lambda vs, x: [m.apply(v, x, mutable=["batch_stats"])
+                                     for m, v in zip(mods, vs, strict=True)])
+  return apply_all(variables, x)
 
 
 @pytest.mark.slow
@@ -193,10 +200,11 @@ def test_batch_of_one(shape):
   configs = [dict(statistic=stat, deviation=dev, **_params(dev, stat))
              for dev in DEVS for stat in (None, "mean")]
   # every configuration on one Sample, in one compiled program
-  for cfg, (s, d) in zip(configs, many_statistics(x, configs, axes=axes)):
+  for cfg, (s, d) in zip(configs, many_statistics(x, configs, axes=axes),
+                         strict=True):
     np.testing.assert_array_equal(np.asarray(d), 0.0, err_msg=str(cfg))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(x).reshape(-1))
-  for dev, (y, _) in zip(DEVS, _apply_modules(x)):
+  for dev, (y, _) in zip(DEVS, _apply_modules(x), strict=True):
     np.testing.assert_array_equal(np.asarray(y), 0.0, err_msg=dev)
   assert all(_grads_finite(x.reshape(1, -1)).values())
 
@@ -215,8 +223,10 @@ def test_all_false_mask_channel_is_finite(deviation):
   # the other channels: the masked reference
   rs, rd = ref.batch_statistics(np.asarray(x), (0,), deviation_name=deviation,
                                 mask=mask, **_params(deviation))
-  np.testing.assert_allclose(np.asarray(s)[[0, 2]], rs[[0, 2]], rtol=2e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(d)[[0, 2]], rd[[0, 2]], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s)[[0, 2]], rs[[0, 2]], rtol=2e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(d)[[0, 2]], rd[[0, 2]], rtol=2e-5,
+                             atol=1e-6)
   assert _grads_finite(x, jnp.asarray(mask))[deviation]
 
 
@@ -297,7 +307,8 @@ def test_order_statistics_exact_over_the_whole_float32_range():
                       deviation="half_range", alpha=alpha)
     expect = [ref.quantile(x[:, c].astype(np.float64), alpha) for c in range(2)]
     np.testing.assert_array_equal(np.asarray(s), np.float32(expect))
-    np.testing.assert_allclose(np.asarray(d), (x.max(0) / 2 - x.min(0) / 2), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(d), (x.max(0) / 2 - x.min(0) / 2),
+                               rtol=1e-7)
 
 
 # ---------------------------------------------------------------------------
@@ -306,7 +317,8 @@ def test_order_statistics_exact_over_the_whole_float32_range():
 
 def _other_channels_identical(a, b, channel):
   keep = [c for c in range(a.shape[-1]) if c != channel]
-  np.testing.assert_array_equal(np.asarray(a)[..., keep], np.asarray(b)[..., keep])
+  np.testing.assert_array_equal(np.asarray(a)[..., keep],
+                                np.asarray(b)[..., keep])
 
 
 @pytest.mark.slow
@@ -351,17 +363,18 @@ def test_nan_channel_isolated_bit_for_bit(deviation):
     bad, clean = x.copy(), x.copy()
     bad[rows, channel] = np.nan
     clean[:, channel] = rng.normal(size=8)
-    bad_layers, clean_layers = _layers(jnp.asarray(bad)), _layers(jnp.asarray(clean))
+    bad_layers = _layers(jnp.asarray(bad))
+    clean_layers = _layers(jnp.asarray(clean))
     for statistic in (None, "mean", "quantile"):
       out_bad = bad_layers[(statistic, deviation)]
       out_clean = clean_layers[(statistic, deviation)]
-      for a, b in zip(out_bad, out_clean):
+      for a, b in zip(out_bad, out_clean, strict=True):
         _other_channels_identical(a, b, channel)
       assert np.isnan(np.asarray(out_bad[2])[:, channel]).all()
       assert np.isnan(np.asarray(out_bad[1])[channel])
   if deviation == "superquantile":  # and under jit (one compilation)
     f = jax.jit(lambda v: _layer(v, deviation))
-    for a, b in zip(f(jnp.asarray(bad)), f(jnp.asarray(clean))):
+    for a, b in zip(f(jnp.asarray(bad)), f(jnp.asarray(clean)), strict=True):
       _other_channels_identical(a, b, channel)
 
 
@@ -416,6 +429,6 @@ def test_layers_equal_public_path(deviation):
   for m, statistic in ((None, None), (mask, "mean")):
     ours = _layers(jnp.asarray(x), m)[(statistic, deviation)]
     public = _jit_layer(jnp.asarray(x), deviation, statistic, m)
-    for a, b in zip(ours, public):
+    for a, b in zip(ours, public, strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
                                  atol=1e-6, err_msg=f"{statistic} {m is None}")

@@ -1,8 +1,9 @@
 """Every bad configuration raises a ValueError naming the value and the choices.
 
-docs/SPEC.md §5: unknown names, α outside (0, 1), p < 1, a statistic that needs an α
-without one, bad mixture levels/weights -- at set-up (module construction) or
-trace time (the functional API, also under jit), never a NaN later.
+docs/SPEC.md §5: unknown names, α outside (0, 1), p < 1, a statistic that
+needs an α without one, bad mixture levels/weights -- at set-up (module
+construction) or trace time (the functional API, also under jit), never a NaN
+later.
 """
 
 import math
@@ -76,7 +77,8 @@ def _check_message(exc, must_contain):
     assert s in msg, f"{s!r} not in message {msg!r}"
 
 
-@pytest.mark.parametrize("case,must_contain", BAD, ids=[_ids(c) for c, _ in BAD])
+@pytest.mark.parametrize("case,must_contain", BAD,
+                         ids=[_ids(c) for c, _ in BAD])
 def test_bad_configuration_raises_everywhere(case, must_contain):
   x = jnp.ones((4, 3))
   # The functional API, eagerly ...
@@ -108,7 +110,8 @@ def test_good_configurations_do_not_raise():
   # The boundary of each rule, on the valid side.
   x = jnp.asarray(np.random.default_rng(0).gamma(2.0, size=(9, 2)),
                   jnp.float32)
-  for case in (dict(alpha=1e-6), dict(alpha=1 - 1e-6), dict(alpha=np.float64(0.3)),
+  for case in (dict(alpha=1e-6), dict(alpha=1 - 1e-6),
+               dict(alpha=np.float64(0.3)),
                dict(p=1.0, deviation="lp"), dict(p=1, deviation="lp"),
                dict(alpha=None, deviation="std"),
                dict(deviation="mixed_superquantile", levels=[0.5, 0.9]),

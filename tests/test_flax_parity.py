@@ -1,9 +1,9 @@
 """``GeneralizedBatchNorm(statistic="mean", deviation="std")`` is nn.BatchNorm.
 
-docs/SPEC.md §1/§5: outputs, gradients, running averages and eval outputs agree with
-``flax.linen.BatchNorm`` to 1e-5 in float32, over several optax SGD steps on
-changing inputs, with and without a mask; every nn.BatchNorm field exists
-with the same default.
+docs/SPEC.md §1/§5: outputs, gradients, running averages and eval outputs
+agree with ``flax.linen.BatchNorm`` to 1e-5 in float32, over several optax SGD
+steps on changing inputs, with and without a mask; every nn.BatchNorm field
+exists with the same default.
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ GBN_MEAN_STD = functools.partial(gbn_jax.GeneralizedBatchNorm,
 def _tree_close(a, b, what):
   assert jax.tree.structure(a) == jax.tree.structure(b), what
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                          jax.tree.leaves(b)):
+                          jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL,
                                err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
@@ -57,7 +57,7 @@ def _trainer(norm):
                            True, mask, mutable=["batch_stats"])
       return jnp.mean((out - y) ** 2), (out, upd["batch_stats"])
 
-    (loss, (out, new_stats)), grads = jax.value_and_grad(
+    (_loss, (out, new_stats)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state,
@@ -84,8 +84,8 @@ def test_train_steps_match_batchnorm(masked):
               opt.init(variables["params"]))
   for t in range(4):
     x = jnp.asarray(ref.skewed(rng, shape, "lognormal") * (t + 1))
-    y = jnp.asarray(rng.standard_normal(shape[:2] + (2,)), jnp.float32)
-    mask = jnp.asarray(rng.random(shape[:2] + (1,)) < 0.7) if masked else None
+    y = jnp.asarray(rng.standard_normal((*shape[:2], 2)), jnp.float32)
+    mask = jnp.asarray(rng.random((*shape[:2], 1)) < 0.7) if masked else None
     bn_out = bn_step(*bn, x, y, mask)
     gbn_out = gbn_step(*gbn, x, y, mask)
     what = f"step {t} (mask={masked})"
@@ -151,7 +151,8 @@ def test_half_precision_matches_batchnorm():
   rng = np.random.default_rng(2)
   x = jnp.asarray(ref.skewed(rng, (8, 4), "gamma"), jnp.bfloat16)
   for config in (dict(), dict(dtype=jnp.bfloat16),
-                 dict(param_dtype=jnp.bfloat16, force_float32_reductions=False)):
+                 dict(param_dtype=jnp.bfloat16,
+                      force_float32_reductions=False)):
     bn = nn.BatchNorm(use_running_average=False, **config)
     gbn = GBN_MEAN_STD(use_running_average=False, **config)
     variables = bn.init(jax.random.key(0), x)
@@ -165,7 +166,8 @@ def test_half_precision_matches_batchnorm():
     eps = float(jnp.finfo(out.dtype).eps)
     tol = max(1e-5, eps if config.get("force_float32_reductions", True)
               else 4 * eps)
-    stats_tol = 1e-5 if config.get("force_float32_reductions", True) else 4 * eps
+    stats_tol = (1e-5 if config.get("force_float32_reductions", True)
+                 else 4 * eps)
     np.testing.assert_allclose(np.asarray(out, np.float32),
                                np.asarray(out_bn, np.float32),
                                rtol=tol, atol=tol, err_msg=str(config))
@@ -182,7 +184,8 @@ def test_every_batchnorm_field_with_the_same_default():
     if f.name in ("parent", "name"):
       continue
     assert f.name in ours, f"missing field {f.name}"
-    assert ours[f.name].default is f.default or ours[f.name].default == f.default, f.name
+    assert (ours[f.name].default is f.default
+            or ours[f.name].default == f.default), f.name
   assert ours["statistic"].default is None
   assert ours["deviation"].default == "superquantile"
   assert ours["alpha"].default == 0.5
@@ -196,7 +199,8 @@ def test_every_batchnorm_field_with_the_same_default():
 
 
 def test_running_averages_follow_the_spec_for_gbn():
-  # docs/SPEC.md §5 for a non-BN measure: ra = m·ra + (1-m)·batch value of S and D².
+  # docs/SPEC.md §5 for a non-BN measure: ra = m·ra + (1-m)·batch value of S
+  # and D².
   rng = np.random.default_rng(3)
   x1 = jnp.asarray(ref.skewed(rng, (9, 2), "gamma"))
   x2 = jnp.asarray(ref.skewed(rng, (9, 2), "lognormal"))

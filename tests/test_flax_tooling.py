@@ -77,7 +77,8 @@ def test_hyperparameters_as_jax_and_numpy_scalars(momentum):
   flags = dict(use_running_average=jnp.array(False), use_bias=np.bool_(True),
                use_scale=jnp.array(True))
   ref = gbn_jax.GeneralizedBatchNorm(momentum=0.9, use_running_average=False)
-  layer = gbn_jax.GeneralizedBatchNorm(momentum=momentum, alpha=jnp.float32(0.5),
+  layer = gbn_jax.GeneralizedBatchNorm(momentum=momentum,
+                                       alpha=jnp.float32(0.5),
                                        epsilon=np.float32(1e-5), **flags)
   v = ref.init(jax.random.key(0), x)
   y_ref, s_ref = ref.apply(v, x, mutable=["batch_stats"])

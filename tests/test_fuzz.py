@@ -77,11 +77,12 @@ def configs(draw):
   ndim = len(shape)
   dev = draw(st.sampled_from(DEVS))
   cfg = dict(deviation=dev,
-             statistic=draw(st.sampled_from([None, None] + STATS)),
+             statistic=draw(st.sampled_from([None, None, *STATS])),
              alpha=draw(st.floats(0.01, 0.99)),
              p=draw(st.floats(1.0, 6.0)),
              gaussian_consistent=dev != "half_range" and draw(st.booleans()))
-  if "mixed" in dev or cfg["statistic"] == "mixed_quantile" or draw(st.booleans()):
+  if ("mixed" in dev or cfg["statistic"] == "mixed_quantile"
+      or draw(st.booleans())):
     n = draw(st.integers(1, 3))
     cfg["levels"] = tuple(draw(st.lists(st.floats(0.05, 0.95), min_size=n,
                                         max_size=n)))
@@ -106,27 +107,29 @@ def configs(draw):
   elif fault == "statistic":
     cfg["statistic"] = draw(st.sampled_from(["mode", "Mean", "", 0.5]))
   elif fault == "alpha":
-    cfg["alpha"] = draw(st.sampled_from(BAD_LEVELS + ["0.5", True]))
+    cfg["alpha"] = draw(st.sampled_from([*BAD_LEVELS, "0.5", True]))
   elif fault == "alpha_none":
     cfg["alpha"] = None  # an error only where a quantile needs it
   elif fault == "p":
-    cfg["p"] = draw(st.sampled_from([0.5, 0.0, -1.0, float("inf"), float("nan")]))
+    cfg["p"] = draw(st.sampled_from([0.5, 0.0, -1.0, float("inf"),
+                                     float("nan")]))
   elif fault == "levels":
-    bad = draw(st.sampled_from(BAD_LEVELS + ["empty"]))
+    bad = draw(st.sampled_from([*BAD_LEVELS, "empty"]))
     cfg["levels"] = () if bad == "empty" else (0.5, bad)
     cfg.pop("weights", None)
   elif fault.startswith("weights"):
     levels = cfg.setdefault("levels", (0.3, 0.8))
     n = len(levels)
     cfg["weights"] = {"weights_sum": (0.7,) * n,
-                      "weights_negative": (1.5,) + (-0.5 / max(n - 1, 1),) * (n - 1),
+                      "weights_negative": ((1.5,)
+                                           + (-0.5 / max(n - 1, 1),) * (n - 1)),
                       "weights_length": (1.0 / (n + 1),) * (n + 1)}[fault]
   elif fault == "gaussian":
     cfg["deviation"], cfg["gaussian_consistent"] = "half_range", True
   elif fault == "axes":
     axes.append(draw(st.sampled_from([ndim, -ndim - 1, ndim + 3])))
   elif fault == "mask":
-    mask = np.ones(shape[:-1] + (shape[-1] + 1,), bool)
+    mask = np.ones((*shape[:-1], shape[-1] + 1), bool)
   elif fault == "int_dtype":
     dtype = draw(st.sampled_from([jnp.int32, jnp.int8, jnp.bool_]))
   cfg["axes"] = tuple(a - ndim if draw(st.booleans()) and 0 <= a < ndim else a
@@ -135,7 +138,8 @@ def configs(draw):
 
 
 def _expected_error(cfg, x, dtype, mask):
-  """docs/SPEC.md's rules: the exception types a call may raise (none: valid)."""
+  """docs/SPEC.md's rules: the exception types a call may raise (none:
+  valid)."""
   errors = set()
   dev, stat = cfg["deviation"], cfg["statistic"]
   if not isinstance(dev, str) or dev not in DEVS:
@@ -151,13 +155,13 @@ def _expected_error(cfg, x, dtype, mask):
   if not (cfg["p"] >= 1 and math.isfinite(cfg["p"])):  # nan: both False
     errors.add(ValueError)
   levels, weights = cfg.get("levels"), cfg.get("weights")
-  if "mixed" in stat + dev or levels is not None or weights is not None:
-    if not levels or not all(_is_level(a) for a in levels):
-      errors.add(ValueError)
-    elif weights is not None and (
-        len(weights) != len(levels) or min(weights) < 0
-        or abs(sum(weights) - 1) > 1e-6):
-      errors.add(ValueError)
+  mixed = "mixed" in stat + dev or levels is not None or weights is not None
+  if mixed and (
+      not levels or not all(_is_level(a) for a in levels)
+      or (weights is not None
+          and (len(weights) != len(levels) or min(weights) < 0
+               or abs(sum(weights) - 1) > 1e-6))):
+    errors.add(ValueError)
   if cfg["gaussian_consistent"] and dev == "half_range":
     errors.add(ValueError)
   if any(not -x.ndim <= a < x.ndim for a in cfg["axes"]):
@@ -182,7 +186,8 @@ def _params(cfg):
 
 
 @pytest.mark.slow
-@settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None)
+@settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,
+          database=None)
 @given(configs())
 def test_fuzz_functional_api(case):
   cfg, x, dtype, mask = case
@@ -212,6 +217,7 @@ def test_fuzz_functional_api(case):
   y = np.asarray(normalize(xd, s, d**2, axes=cfg["axes"], epsilon=1e-3))
   assert np.isfinite(y).all()
   ry = ref.normalize(values, rs, rd,
-                     tuple(sorted({a % x.ndim for a in cfg["axes"]})), epsilon=1e-3)
+                     tuple(sorted({a % x.ndim for a in cfg["axes"]})),
+                     epsilon=1e-3)
   err = np.abs(y - ry)
   assert (err <= 1e-3 * (1 + np.abs(ry))).all(), err.max()

@@ -16,8 +16,8 @@ import pytest
 from jax.test_util import check_grads
 
 import gbn_jax
-from tests import reference as ref
 from gbn_jax.sample import Sample
+from tests import reference as ref
 from tests.batched import many_statistics
 
 LEVELS = (0.3, 0.8)
@@ -70,7 +70,7 @@ J_STATISTICS = {
     "quantile": lambda v: j_quantile(v, PARAMS["alpha"]),
     "midrange": j_midrange,
     "mixed_quantile": lambda v: sum(
-        w * j_quantile(v, a) for a, w in zip(LEVELS, WEIGHTS)),
+        w * j_quantile(v, a) for a, w in zip(LEVELS, WEIGHTS, strict=True)),
 }
 
 
@@ -93,7 +93,7 @@ J_DEVIATIONS = {
     "half_range": lambda v: (_sort(v)[-1] - _sort(v)[0]) / 2,
     "mixed_superquantile": lambda v: sum(
         w * (j_superquantile_value(v, a) - _mean(v))
-        for a, w in zip(LEVELS, WEIGHTS)),
+        for a, w in zip(LEVELS, WEIGHTS, strict=True)),
     "abs_superquantile": lambda v: j_superquantile_value(
         jnp.abs(_dev_mean(v)), PARAMS["alpha"]),
 }
@@ -144,7 +144,7 @@ def test_grad_every_measure_vs_sort_reference(masked):
                for kind, name in names]
     results = many_statistics(x, configs, axes=0, mask=mask)
     return jnp.stack([jnp.dot(w, sd[0] if kind == "S" else sd[1])
-                      for (kind, _), sd in zip(names, results)])
+                      for (kind, _), sd in zip(names, results, strict=True)])
 
   def ref_all(x):
     table = {"S": J_STATISTICS, "D": J_DEVIATIONS}
@@ -195,8 +195,8 @@ def test_grad_of_the_transform_every_measure():
 
 
 def test_superquantile_gradient_has_the_k_minus_alpha_n_term():
-  # docs/SPEC.md §3 by hand: ∂q̄_α/∂x_i = 1/((1-α)n) above q_α, (k-αn)/((1-α)n) at
-  # q_α, 0 below; D = q̄_α - μ subtracts 1/n everywhere.
+  # docs/SPEC.md §3 by hand: ∂q̄_α/∂x_i = 1/((1-α)n) above q_α, (k-αn)/((1-α)n)
+  # at q_α, 0 below; D = q̄_α - μ subtracts 1/n everywhere.
   n, alpha = 23, 0.37  # αn = 8.51, k = 9, k - αn = 0.49
   x = _data((n, 1), seed=5)
   v = np.asarray(x[:, 0], np.float64)
@@ -223,7 +223,7 @@ def test_superquantile_gradient_every_level_mixed():
   x = _data((n, 1), seed=6)
   v = np.asarray(x[:, 0], np.float64)
   expected = np.zeros(n)
-  for alpha, w in zip(LEVELS, WEIGHTS):
+  for alpha, w in zip(LEVELS, WEIGHTS, strict=True):
     k, a = ref.quantile_rank(alpha, n), _a(alpha)
     q = np.sort(v)[k - 1]
     g = np.where(v > q, 1.0, 0.0) / ((1 - a) * n)

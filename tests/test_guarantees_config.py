@@ -1,10 +1,10 @@
 """Guarantee 1: bad configuration fails early, naming the value and the choices.
 
 Every field of ``GeneralizedBatchNorm`` (linen and NNX) and every argument of
-the functional API (``make_measures``, ``batch_statistics``, ``normalize``). Field
-errors are raised when the module is constructed (set-up); shape-dependent
-errors (axis, mask, input dtype) when the function is traced -- checked with
-``jax.eval_shape``, which traces without running anything.
+the functional API (``make_measures``, ``batch_statistics``, ``normalize``).
+Field errors are raised when the module is constructed (set-up);
+shape-dependent errors (axis, mask, input dtype) when the function is traced
+-- checked with ``jax.eval_shape``, which traces without running anything.
 """
 
 import re
@@ -13,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gbn_jax
 from flax import nnx
 
-from gbn_jax import GeneralizedBatchNorm, batch_statistics, make_measures, normalize
+import gbn_jax
+from gbn_jax import (
+  GeneralizedBatchNorm,
+  batch_statistics,
+  make_measures,
+  normalize,
+)
 from gbn_jax.nnx import GeneralizedBatchNorm as NnxGeneralizedBatchNorm
 
 X = jnp.ones((4, 3), jnp.float32)
@@ -35,9 +39,11 @@ def _raises(exc, *fragments):
 
 BAD_MEASURES = [
     # (kwargs, exception, fragments the message must contain)
-    (dict(deviation="stdev"), ValueError, ["'stdev'", "'std'", "'superquantile'"]),
+    (dict(deviation="stdev"), ValueError,
+     ["'stdev'", "'std'", "'superquantile'"]),
     (dict(deviation=None), ValueError, ["None", "'half_range'"]),
-    (dict(deviation="std", statistic="avg"), ValueError, ["'avg'", "'mean'", "'quantile'"]),
+    (dict(deviation="std", statistic="avg"), ValueError,
+     ["'avg'", "'mean'", "'quantile'"]),
     (dict(statistic=3), ValueError, ["3", "'midrange'"]),
     (dict(alpha=0.0), ValueError, ["alpha", "0.0", "(0, 1)"]),
     (dict(alpha=1.0), ValueError, ["alpha", "1.0", "(0, 1)"]),
@@ -51,19 +57,24 @@ BAD_MEASURES = [
     (dict(deviation="lp", p=0.5), ValueError, ["p", "0.5", ">= 1"]),
     (dict(deviation="lp", p=float("inf")), ValueError, ["inf", ">= 1"]),
     (dict(deviation="lp", p="2"), ValueError, ["'2'", ">= 1"]),
-    (dict(deviation="mixed_superquantile"), ValueError, ["levels=None", "(0, 1)"]),
-    (dict(deviation="mixed_superquantile", levels=()), ValueError, ["levels=()"]),
+    (dict(deviation="mixed_superquantile"), ValueError,
+     ["levels=None", "(0, 1)"]),
+    (dict(deviation="mixed_superquantile", levels=()), ValueError,
+     ["levels=()"]),
     (dict(deviation="mixed_superquantile", levels=(0.5, 1.5)), ValueError,
      ["levels[1]", "1.5", "(0, 1)"]),
-    (dict(deviation="mixed_superquantile", levels=(0.5, 0.9), weights=(0.7, 0.7)),
+    (dict(deviation="mixed_superquantile", levels=(0.5, 0.9),
+          weights=(0.7, 0.7)),
      ValueError, ["sum to 1", "(0.7, 0.7)"]),
-    (dict(deviation="mixed_superquantile", levels=(0.5, 0.9), weights=(1.5, -0.5)),
+    (dict(deviation="mixed_superquantile", levels=(0.5, 0.9),
+          weights=(1.5, -0.5)),
      ValueError, ["weights[1]", "-0.5", ">= 0"]),
     (dict(deviation="mixed_superquantile", levels=(0.5, 0.9), weights=(1.0,)),
      ValueError, ["2 levels", "1 weights"]),
     (dict(deviation="half_range", gaussian_consistent=True), ValueError,
      ["'half_range'", "'superquantile'"]),
-    (dict(gaussian_consistent="yes"), ValueError, ["gaussian_consistent", "'yes'"]),
+    (dict(gaussian_consistent="yes"), ValueError,
+     ["gaussian_consistent", "'yes'"]),
     (dict(use_fast_variance=None), ValueError, ["use_fast_variance", "None"]),
 ]
 
@@ -97,12 +108,16 @@ BAD_MODULE_FIELDS = [
     (dict(param_dtype=None), ValueError, ["param_dtype", "None"]),
     (dict(use_bias="no"), ValueError, ["use_bias", "'no'", "True or False"]),
     (dict(use_scale=1), ValueError, ["use_scale", "1"]),
-    (dict(force_float32_reductions=None), ValueError, ["force_float32_reductions"]),
-    (dict(use_running_average="train"), ValueError, ["use_running_average", "'train'"]),
+    (dict(force_float32_reductions=None), ValueError,
+     ["force_float32_reductions"]),
+    (dict(use_running_average="train"), ValueError,
+     ["use_running_average", "'train'"]),
     (dict(bias_init=0.0), ValueError, ["bias_init", "0.0", "initializer"]),
     (dict(scale_init="ones"), ValueError, ["scale_init", "'ones'"]),
-    (dict(axis_index_groups=[[0, 1]]), ValueError, ["axis_index_groups", "axis_name"]),
-    (dict(approximate="fast"), ValueError, ["approximate", "'fast'", "True or False"]),
+    (dict(axis_index_groups=[[0, 1]]), ValueError,
+     ["axis_index_groups", "axis_name"]),
+    (dict(approximate="fast"), ValueError,
+     ["approximate", "'fast'", "True or False"]),
     (dict(mode="stream"), ValueError, ["'stream'", "'batch'", "'online'"]),
 ]
 
@@ -118,7 +133,8 @@ def test_bad_module_fields_at_setup(kwargs, exc, fragments):
     [c for c in BAD_MODULE_FIELDS if "force_float32_reductions" not in c[0]],
 )
 def test_bad_nnx_module_fields_at_setup(kwargs, exc, fragments):
-  """The NNX module checks the same fields (it has no force_float32_reductions)."""
+  """The NNX module checks the same fields (it has no
+  force_float32_reductions)."""
   with _raises(exc, *fragments):
     NnxGeneralizedBatchNorm(3, rngs=nnx.Rngs(0), **kwargs)
 
@@ -158,7 +174,8 @@ BAD_CALLS = [
     (dict(axes=2), ValueError, ["axis 2", "-2..1"]),
     (dict(axes=(0, -3)), ValueError, ["axis -3", "-2..1"]),
     (dict(axes=0.5), TypeError, ["0.5", "integers"]),
-    (dict(axes=0, mask=jnp.ones((3, 4), bool)), ValueError, ["(3, 4)", "(4, 3)"]),
+    (dict(axes=0, mask=jnp.ones((3, 4), bool)), ValueError,
+     ["(3, 4)", "(4, 3)"]),
     (dict(axes=0, axis_index_groups=[[0, 1]]), ValueError,
      ["axis_index_groups", "axis_name=None"]),
     (dict(axes=0, dtype=jnp.int16), ValueError, ["dtype", "int16", "floating"]),
@@ -187,7 +204,8 @@ BAD_NORMALIZE = [
     (dict(axes=0, epsilon=0.0), ValueError, ["epsilon", "0.0", "> 0"]),
     (dict(axes=0, epsilon=-1.0), ValueError, ["epsilon", "-1.0"]),
     (dict(axes=0, center=jnp.zeros(4)), ValueError, ["center", "(3,)", "(4,)"]),
-    (dict(axes=0, dev_sq=jnp.ones((1, 3))), ValueError, ["dev_sq", "(3,)", "(1, 3)"]),
+    (dict(axes=0, dev_sq=jnp.ones((1, 3))), ValueError,
+     ["dev_sq", "(3,)", "(1, 3)"]),
 ]
 
 
@@ -207,7 +225,8 @@ def test_traced_alpha_is_refused_with_a_clear_error():
 
 
 def test_good_configurations_pass():
-  """The validators do not refuse what docs/SPEC.md allows (guards the tests above)."""
+  """The validators do not refuse what docs/SPEC.md allows (guards the tests
+  above)."""
   for dev in gbn_jax.DEVIATIONS:
     kw = dict(levels=(0.25, 0.75)) if "mixed" in dev else {}
     for stat in [None, *gbn_jax.STATISTICS]:

@@ -51,7 +51,7 @@ def test_functional_reduces_in_float32(half):
     half = many_statistics(xh, configs, axes=0, mask=m)
     # the same numbers as float32: identical statistics
     full = many_statistics(xh.astype(jnp.float32), configs, axes=0, mask=m)
-    for dev, (sh, dh), (s2, d2) in zip(DEVS, half, full):
+    for dev, (sh, dh), (s2, d2) in zip(DEVS, half, full, strict=True):
       assert sh.dtype == dh.dtype == jnp.float32
       np.testing.assert_array_equal(np.asarray(sh), np.asarray(s2), dev)
       np.testing.assert_array_equal(np.asarray(dh), np.asarray(d2), dev)
@@ -91,7 +91,8 @@ def test_module_output_agrees_with_float32(half):
     yh, uh = mh.apply(v, x32.astype(half), mutable=["batch_stats"])
     assert yh.dtype == half
     err = np.abs(np.asarray(yh, np.float32) - np.asarray(y32))
-    assert (err <= TOL[half] * (1 + np.abs(np.asarray(y32)))).all(), (dev, err.max())
+    assert (err <= TOL[half] * (1 + np.abs(np.asarray(y32)))).all(), (
+        dev, err.max())
     for name in ("mean", "var"):
       assert uh["batch_stats"][name].dtype == jnp.float32
       np.testing.assert_allclose(np.asarray(uh["batch_stats"][name]),
@@ -103,8 +104,9 @@ def test_module_output_agrees_with_float32(half):
 
 
 @pytest.mark.parametrize("half", HALF)
-@pytest.mark.parametrize("dtype,param_dtype", [(None, jnp.float32), (None, "half"),
-                                               ("half", jnp.float32)])
+@pytest.mark.parametrize("dtype,param_dtype",
+                         [(None, jnp.float32), (None, "half"),
+                          ("half", jnp.float32)])
 def test_dtypes_follow_flax(half, dtype, param_dtype):
   dtype = half if dtype == "half" else dtype
   param_dtype = half if param_dtype == "half" else param_dtype

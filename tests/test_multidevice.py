@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import gbn_jax
 from tests import reference as ref
@@ -80,8 +81,9 @@ def _check(got, xs, masks, groups):
           np.testing.assert_allclose(got_d[i, j], want_d[j], rtol=1e-5,
                                      atol=1e-6, err_msg=what)
     # And the reference agrees on the pooled sample (guards the baseline).
-    rc, rd = ref.batch_statistics(x_cat, axes=(0, 1), deviation="superquantile",
-                                  mask=m_cat, **PARAMS)
+    _rc, rd = ref.batch_statistics(x_cat, axes=(0, 1),
+                                   deviation="superquantile", mask=m_cat,
+                                   **PARAMS)
     np.testing.assert_allclose(want_d[_configs().index(("superquantile",
                                                         None))], rd,
                                rtol=1e-5, atol=1e-6)
@@ -89,10 +91,10 @@ def _check(got, xs, masks, groups):
 
 def _data(seed, masked):
   rng = np.random.default_rng(seed)
-  xs = ref.skewed(rng, (N_DEV,) + LOCAL, "lognormal")
+  xs = ref.skewed(rng, (N_DEV, *LOCAL), "lognormal")
   masks = None
   if masked:
-    masks = rng.random((N_DEV,) + LOCAL) < 0.6
+    masks = rng.random((N_DEV, *LOCAL)) < 0.6
     masks[3, :, :, 0] = False  # a device with no valid value in channel 0
     masks[4:, :, :, 2] = False  # the second half: channel 2 empty
   return xs, masks
@@ -121,7 +123,7 @@ def test_pmap_batch_statistics_equals_one_device(groups_name, masked):
 def test_shard_map_and_sharded_jit_equal_one_device():
   xs, _ = _data(7, False)
   mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("batch",))
-  x_cat = xs.reshape((N_DEV * LOCAL[0],) + LOCAL[1:])
+  x_cat = xs.reshape((N_DEV * LOCAL[0], *LOCAL[1:]))
   want_c, want_d = (np.asarray(a) for a in _all_measures(jnp.asarray(x_cat),
                                                          None))
   # shard_map with the axis name: every shard gets the global statistics.
@@ -144,7 +146,7 @@ def test_shard_map_and_sharded_jit_equal_one_device():
 
 # Every deviation (natural statistic; std with mean = nn.BatchNorm), plus
 # the Gaussian-consistent superquantile.
-MODULE_DEVIATIONS = tuple(gbn_jax.DEVIATIONS) + ("superquantile",)
+MODULE_DEVIATIONS = (*gbn_jax.DEVIATIONS, "superquantile")
 
 
 def _modules(axis_name, groups, train=True):
@@ -169,7 +171,7 @@ def test_pmap_module_equals_one_device(groups_name):
 
   def apply_all(x, mask, modules):
     outs, stats = [], []
-    for m, v in zip(modules, variables):
+    for m, v in zip(modules, variables, strict=True):
       y, upd = m.apply(v, x, mask=mask, mutable=["batch_stats"])
       outs.append(y)
       stats.append(upd["batch_stats"])

@@ -1,4 +1,5 @@
-"""gbn_jax.nnx.GeneralizedBatchNorm: equals the linen module and nnx.BatchNorm."""
+"""gbn_jax.nnx.GeneralizedBatchNorm: equals the linen module and
+nnx.BatchNorm."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import gbn_jax
 from gbn_jax.linen import GeneralizedBatchNorm as LinenGBN
@@ -121,7 +124,8 @@ def test_state_types_views_and_call_override():
   assert isinstance(layer.mean, nnx.BatchStat)
   assert isinstance(layer.var, nnx.BatchStat)
   assert isinstance(layer.online_quantiles, nnx.BatchStat)
-  assert isinstance(layer.scale, nnx.Param) and isinstance(layer.bias, nnx.Param)
+  assert isinstance(layer.scale, nnx.Param)
+  assert isinstance(layer.bias, nnx.Param)
   params = nnx.state(layer, nnx.Param)
   assert set(params) == {"scale", "bias"}
   x = jnp.arange(6.0).reshape(2, 3)
@@ -139,7 +143,8 @@ def test_state_types_views_and_call_override():
 
 
 def test_jit_optimizer_step_matches_eager():
-  """nnx.jit + nnx.Optimizer: the state updates and gradients are the eager ones."""
+  """nnx.jit + nnx.Optimizer: the state updates and gradients are the eager
+  ones."""
 
   class Net(nnx.Module):
     def __init__(self, rngs):
@@ -168,7 +173,7 @@ def test_jit_optimizer_step_matches_eager():
     lj = nnx.jit(step)(jitted, opt_j, x)
     np.testing.assert_allclose(lj, le, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(nnx.state(jitted)),
-                  jax.tree.leaves(nnx.state(eager))):
+                  jax.tree.leaves(nnx.state(eager)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(eager.norm.online_quantiles[...]).sum()) > 0
 
@@ -211,8 +216,6 @@ def test_input_gradients_equal_linen(mode):
 def test_across_devices_equals_one_device(mode):
   """shard_map over 8 devices with axis_name: two train steps give every
   shard the outputs and running averages of one device on the whole batch."""
-  from jax.sharding import Mesh, PartitionSpec as P
-
   n_dev, local = 8, 3
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("batch",))
   xs = _inputs((n_dev * local, 4), n=2)
@@ -237,8 +240,9 @@ def test_across_devices_equals_one_device(mode):
     np.testing.assert_allclose(y, single(x), rtol=1e-5, atol=1e-5)
     want_stats = nnx.state(single, nnx.BatchStat)
     for i in range(n_dev):
-      got = nnx.state(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], states)),
-                      nnx.BatchStat)
+      got = nnx.state(
+          nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], states)),
+          nnx.BatchStat)
       assert set(got) == set(want_stats)
       for name in want_stats:
         np.testing.assert_allclose(got[name][...], want_stats[name][...],

@@ -1,4 +1,5 @@
-"""Online mode (gbn_jax.online): update rules, batch size 1, convergence, devices.
+"""Online mode (gbn_jax.online): update rules, batch size 1, convergence,
+devices.
 
 References are independent: a NumPy re-implementation of every documented
 update, closed-form quantiles of a fixed distribution, and the one-device
@@ -70,7 +71,7 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
     hi = np.maximum(x.max(0), beta * hi + r * x.max(0))
     lo = np.minimum(x.min(0), beta * lo + r * x.min(0))
 
-    def err(a):
+    def err(a, x=x):
       return a / (1 - a) * np.maximum(x - q[a], 0) + np.maximum(q[a] - x, 0)
 
     phi = {
@@ -80,7 +81,7 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
         "median_abs": np.abs(x - q.get(0.5, 0)),
         "superquantile": err(alpha) if deviation == "superquantile" else None,
         "mixed_superquantile": (
-            sum(w * err(a) for a, w in zip(LEVELS, WEIGHTS))
+            sum(w * err(a) for a, w in zip(LEVELS, WEIGHTS, strict=True))
             if deviation == "mixed_superquantile" else None),
         "half_range": None,
         "abs_superquantile": qa + np.maximum(dist - qa, 0) / (1 - alpha),
@@ -88,11 +89,13 @@ def np_online(xs, deviation, statistic=None, alpha=0.5, p=3.0, beta=0.9,
     if phi is not None:
       m = beta * m + r * phi.mean(0)
     d = {"std": np.sqrt(m), "lp": m ** (1 / p), "upper_semi": np.sqrt(m),
-         "lower_semi": np.sqrt(m), "half_range": (hi - lo) / 2}.get(deviation, m)
+         "lower_semi": np.sqrt(m),
+         "half_range": (hi - lo) / 2}.get(deviation, m)
     center = {
         "mean": mu, "quantile": q.get(alpha), "median": q.get(0.5),
         "midrange": (hi + lo) / 2,
-        "mixed_quantile": (sum(w * q[a] for a, w in zip(LEVELS, WEIGHTS))
+        "mixed_quantile": (sum(w * q[a]
+                               for a, w in zip(LEVELS, WEIGHTS, strict=True))
                            if stat == "mixed_quantile" else None),
     }[stat]
     out.append((center.copy(), d.copy()))
@@ -119,7 +122,7 @@ def test_updates_match_numpy_reference(deviation):
   cfg = _config(deviation, p=3.0, alpha=0.7)
   got, _ = _run_online([jnp.asarray(x) for x in xs], cfg)
   want = np_online(xs, deviation, alpha=cfg.get("alpha", 0.5), p=3.0)
-  for (gc, gd), (wc, wd) in zip(got, want):
+  for (gc, gd), (wc, wd) in zip(got, want, strict=True):
     np.testing.assert_allclose(gc, wc, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(gd, wd, rtol=2e-5, atol=2e-5)
 
@@ -132,7 +135,7 @@ def test_every_statistic_with_a_foreign_deviation(statistic):
                 else "std", statistic=statistic, alpha=0.3)
   got, _ = _run_online([jnp.asarray(x) for x in xs], cfg)
   want = np_online(xs, cfg["deviation"], statistic=statistic, alpha=0.3)
-  for (gc, gd), (wc, wd) in zip(got, want):
+  for (gc, gd), (wc, wd) in zip(got, want, strict=True):
     np.testing.assert_allclose(gc, wc, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(gd, wd, rtol=2e-5, atol=2e-5)
 
@@ -146,10 +149,11 @@ def test_finite_at_batch_size_1(deviation):
   rng = np.random.default_rng(2)
 
   def loss(x, v):
-    y, upd = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    y, upd = layer.apply(v, x, use_running_average=False,
+                         mutable=["batch_stats"])
     return jnp.sum(y * jnp.arange(1.0, 4.0)), (y, upd)
 
-  for t in range(4):
+  for _t in range(4):
     x = jnp.asarray(rng.standard_normal((1, 3)) * 10 + 5, jnp.float32)
     (_, (y, upd)), g = jax.value_and_grad(loss, has_aux=True)(x, variables)
     variables = {**variables, **upd}
@@ -180,7 +184,7 @@ def test_running_quantile_converges():
     measures = make_measures(deviation="superquantile", alpha=alpha)
     state0 = online.init_state(measures, (channels,))
 
-    def body(state, key):
+    def body(state, key, measures=measures):
       x = 5 + 3 * jax.random.exponential(key, (batch, channels))
       center, dev_sq, state = online.update(
           measures, state, Sample(x, 0), momentum=0.99
@@ -231,8 +235,8 @@ def test_cross_device_equals_one_device(deviation):
   mask[3, 1, 0] = False
   many, one = _pooled_case(deviation, jnp.asarray(mask))
   for dev_idx in (0, 5):
-    got = jax.tree.map(lambda a: a[dev_idx], many)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
+    got = jax.tree.map(lambda a, dev_idx=dev_idx: a[dev_idx], many)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(one), strict=True):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
@@ -263,8 +267,9 @@ def test_what_is_differentiated():
   g = jax.grad(lambda x: run(_config("superquantile"), x)[0][0].sum())(x)
   np.testing.assert_array_equal(g, 0.0)
   # Superquantile D: d m / d x_i = (1-β)/n (α/(1-α) above q, -1 below).
-  (c, d2, _), _ = run(_config("superquantile", alpha=0.5), x)
-  g = jax.grad(lambda x: jnp.sqrt(run(_config("superquantile"), x)[0][1]).sum())(x)
+  (c, _d2, _), _ = run(_config("superquantile", alpha=0.5), x)
+  g = jax.grad(
+      lambda x: jnp.sqrt(run(_config("superquantile"), x)[0][1]).sum())(x)
   want = (1 - beta) / n * np.where(np.asarray(x) > np.asarray(c), 1.0, -1.0)
   np.testing.assert_allclose(g, want, rtol=1e-5)
   m = make_measures(deviation="std")
@@ -277,12 +282,14 @@ def test_what_is_differentiated():
 
 
 def test_module_stores_online_estimates_and_eval_uses_them():
-  x1 = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3)), jnp.float32)
+  x1 = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3)),
+                   jnp.float32)
   x2 = x1 * 2 + 1
   layer = GeneralizedBatchNorm(mode="online", momentum=0.8, use_scale=False,
                                use_bias=False)
   v = layer.init(jax.random.key(0), x1, use_running_average=False)
-  _, upd = layer.apply(v, x1, use_running_average=False, mutable=["batch_stats"])
+  _, upd = layer.apply(v, x1, use_running_average=False,
+                       mutable=["batch_stats"])
   y2, upd = layer.apply({**v, **upd}, x2, use_running_average=False,
                         mutable=["batch_stats"])
   c, d, _ = online.online_statistics(

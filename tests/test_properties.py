@@ -80,7 +80,7 @@ def _all_measures(x, axes, alpha, mask=None):
   assert alpha == ALPHA
   results = many_statistics(x, _CONFIGS, axes=axes, mask=mask)
   return {(cfg["statistic"], cfg["deviation"]): (np.asarray(s), np.asarray(d))
-          for cfg, (s, d) in zip(_CONFIGS, results)}
+          for cfg, (s, d) in zip(_CONFIGS, results, strict=True)}
 
 
 def _scale(x):
@@ -98,7 +98,8 @@ def test_translation(sample, c):
   # the public batch_statistics gives the same (one configuration per shape)
   s_pub, d_pub = _stats(jnp.asarray(x), axes=axes, deviation="superquantile",
                         alpha=alpha, p=3.0)
-  np.testing.assert_array_equal(np.asarray(s_pub), a[(None, "superquantile")][0])
+  np.testing.assert_array_equal(np.asarray(s_pub),
+                                a[(None, "superquantile")][0])
   np.testing.assert_allclose(np.asarray(d_pub), a[(None, "superquantile")][1],
                              rtol=1e-6, atol=1e-6 * _scale(x))
   for (stat, dev), (s, d) in a.items():
@@ -129,14 +130,15 @@ def test_positive_homogeneity(sample, lam):
 
 
 @SETTINGS
-@given(samples(), st.floats(-2.0**100, 2.0**100, width=32, allow_subnormal=False),
+@given(samples(),
+       st.floats(-2.0**100, 2.0**100, width=32, allow_subnormal=False),
        st.integers(0, 2**16 - 1))
 def test_nonnegative_and_zero_exactly_on_constants(sample, c, mask_bits):
   (x,), axes, alpha = sample
   bits = np.unpackbits(np.array([mask_bits], ">u2").view(np.uint8))
   mask = jnp.asarray(np.resize(bits, x.shape).astype(bool))
   for m in (None, mask):
-    for (stat, dev), (s, d) in _all_measures(x, axes, alpha, m).items():
+    for (_stat, dev), (_s, d) in _all_measures(x, axes, alpha, m).items():
       assert (d >= 0).all(), (dev, d.min())
   const = np.full_like(x, np.float32(c))
   for m in (None, mask):

@@ -1,4 +1,5 @@
-"""The risk-quadrangle identities of docs/SPEC.md §2, by brute-force minimisation.
+"""The risk-quadrangle identities of docs/SPEC.md §2, by brute-force
+minimisation.
 
 For each pair, D(X) = min_c E(X - c) and S(X) = argmin_c E(X - c), found in
 NumPy/float64 by a dense grid over [min X, max X] and a bounded local refine
@@ -48,7 +49,8 @@ def brute_force_min(v, error):
       lambda c: float(error((v - c)[None, :])[0]),
       bounds=(lo, hi), method="bounded", options={"xatol": 1e-13},
   )
-  best_c, best = (res.x, res.fun) if res.fun <= values[i] else (grid[i], values[i])
+  best_c, best = ((res.x, res.fun) if res.fun <= values[i]
+                  else (grid[i], values[i]))
   # Piecewise-linear errors have their minimum at a data point; the data
   # points inside the bracket are candidates too (the grid may straddle one).
   inside = v[(v >= lo) & (v <= hi)]
@@ -120,7 +122,8 @@ def test_superquantile_quadrangle_alpha_n_whole():
 
 
 def test_median_abs_minimiser_set_for_even_n():
-  v = ref.skewed(np.random.default_rng(12), (20,), "lognormal").astype(np.float64)
+  v = ref.skewed(np.random.default_rng(12), (20,),
+                 "lognormal").astype(np.float64)
   s = np.sort(v)
   error = _errors("median_abs")
   lower, upper = s[9], s[10]

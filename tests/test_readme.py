@@ -20,4 +20,5 @@ def test_readme_has_examples():
     for i, block in enumerate(BLOCKS)])
 def test_readme_example_runs(index):
   namespace = {"__name__": f"readme_example_{index}"}
-  exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
+  exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"),
+       namespace)

@@ -1,4 +1,5 @@
-"""Guarantee 5: state survives checkpoints, traces once, updates only in training.
+"""Guarantee 5: state survives checkpoints, traces once, updates only in
+training.
 
 - ``params`` and ``batch_stats`` round-trip through ``flax.serialization``
   (bytes and state dict) and through an orbax checkpoint, bit for bit, and the
@@ -61,10 +62,11 @@ def _trained(deviation="superquantile", steps=3):
                              mutable=["batch_stats"])
       return jnp.mean((out - y) ** 2), upd
 
-    (l, upd), g = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    (loss_value, upd), g = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"])
     updates, opt_state = tx.update(g, opt_state)
     params = optax.apply_updates(variables["params"], updates)
-    return {"params": params, **upd}, opt_state, l
+    return {"params": params, **upd}, opt_state, loss_value
 
   for i in range(steps):
     variables, opt_state, _ = step(variables, opt_state, *_data(i + 1))
@@ -78,7 +80,8 @@ def _eval(variables, x):
 
 def _assert_trees_identical(a, b):
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b),
+                  strict=True):
     assert np.asarray(u).dtype == np.asarray(v).dtype
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
@@ -129,7 +132,8 @@ def test_orbax_checkpoint_round_trip(trained, tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, variables)
     ckptr.wait_until_finished()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, variables)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      variables)
     restored = ckptr.restore(path, abstract)
   _assert_trees_identical(restored, variables)
   np.testing.assert_array_equal(np.asarray(_eval(restored, x)),
@@ -163,6 +167,8 @@ def test_running_averages_only_in_training(deviation):
                               alpha=0.7)
   st = upd["batch_stats"]
   np.testing.assert_allclose(np.asarray(st["mean"]),
-                             MOMENTUM * 0.5 + (1 - MOMENTUM) * s, rtol=1e-5, atol=1e-6)
+                             MOMENTUM * 0.5 + (1 - MOMENTUM) * s, rtol=1e-5,
+                             atol=1e-6)
   np.testing.assert_allclose(np.asarray(st["var"]),
-                             MOMENTUM * 1.5 + (1 - MOMENTUM) * d**2, rtol=1e-5, atol=1e-6)
+                             MOMENTUM * 1.5 + (1 - MOMENTUM) * d**2,
+                             rtol=1e-5, atol=1e-6)

@@ -7,15 +7,18 @@ import os
 import pickle
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gbn_jax
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-import train  # noqa: E402
-from harness import results  # noqa: E402
+import train
+from harness import results
 
 ALL_NORMS = ("bn", "gbn-superquantile", "gbn-mean_abs", "gbn-median_abs",
              "gbn-half_range", "l1bn", "none", "selu")
@@ -52,7 +55,8 @@ def test_reduced_quick_run_writes_the_three_files(tmp_path):
       (n, s, t) for n in ("bn", "gbn-superquantile") for s in ("0", "1")
       for t in ("0", "15", "30")
   }
-  assert {r["alpha"] for r in rows if r["norm"] == "gbn-superquantile"} == {"0.5"}
+  assert {r["alpha"] for r in rows
+          if r["norm"] == "gbn-superquantile"} == {"0.5"}
   last = [r for r in rows if r["step"] == "30"]
   for r in last:
     assert 0.0 <= float(r["test_acc"]) <= 1.0
@@ -99,8 +103,8 @@ def test_cifar10_loader_reads_tiny_python_batches(tmp_path):
   mu, sd = img.mean(axis=(0, 1, 2)), img.std(axis=(0, 1, 2))
   np.testing.assert_allclose(x_tr, (img - mu) / sd, rtol=1e-5, atol=1e-5)
   raw_te = test_data.astype(np.float64) / 255
-  assert np.isclose(x_te[1, 4, 7, 2], (raw_te[1, 2048 + 4 * 32 + 7] - mu[2]) / sd[2],
-                    atol=1e-5)
+  assert np.isclose(x_te[1, 4, 7, 2],
+                    (raw_te[1, 2048 + 4 * 32 + 7] - mu[2]) / sd[2], atol=1e-5)
   # The directory itself (without the cifar-10-batches-py folder) works too.
   x_tr2, *_ = train.load_cifar10(str(root))
   np.testing.assert_array_equal(x_tr2, x_tr)
@@ -116,7 +120,7 @@ def test_cifar10_loader_errors(tmp_path):
 
 
 def test_digits_split_is_fixed_and_standardised():
-  x_tr, y_tr, x_te, y_te = train.load_dataset("digits")
+  x_tr, _y_tr, x_te, y_te = train.load_dataset("digits")
   assert x_tr.shape[1:] == (8, 8, 1) and len(x_tr) + len(x_te) == 1797
   assert abs(float(x_tr.mean())) < 1e-4 and abs(float(x_tr.std()) - 1) < 1e-4
   x_tr2, *_ = train.load_dataset("digits")
@@ -151,7 +155,7 @@ def test_each_norm_builds_a_model_with_finite_forward_pass(norm):
     assert ("batch_stats" in variables) == normalizes, name
 
     @jax.jit
-    def train_then_eval(v, x):
+    def train_then_eval(v, x, model=model):
       y, new = model.apply(v, x, train=True, mutable=["batch_stats"])
       return y, new, model.apply({**v, **new}, x, train=False)
 
@@ -161,14 +165,11 @@ def test_each_norm_builds_a_model_with_finite_forward_pass(norm):
       assert not all(
           bool(jnp.all(a == b)) for a, b in zip(
               jax.tree.leaves(new["batch_stats"]),
-              jax.tree.leaves(variables["batch_stats"])))
+              jax.tree.leaves(variables["batch_stats"]), strict=True))
     assert bool(jnp.all(jnp.isfinite(y_eval))), name
 
 
 def test_norm_layers_are_the_requested_modules():
-  import flax.linen as nn
-  import gbn_jax
-
   spec = train.NormSpec("gbn-superquantile", 0.3)
   layer = train.make_norm_layer(spec, train=True)
   assert isinstance(layer, gbn_jax.GeneralizedBatchNorm)
@@ -188,9 +189,11 @@ def test_norm_layers_are_the_requested_modules():
   for norm in ("selu", "none"):
     m = train.build_model("mlp", train.NormSpec(norm), 10, 64)
     v = m.init(jax.random.PRNGKey(0), x)
-    _, inter = m.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    _, inter = m.apply(v, x, capture_intermediates=True,
+                       mutable=["intermediates"])
     block_out[norm] = min(
-        float(jnp.min(a)) for path, a in jax.tree_util.tree_leaves_with_path(inter)
+        float(jnp.min(a))
+        for path, a in jax.tree_util.tree_leaves_with_path(inter)
         if "['Block_0']['__call__']" in jax.tree_util.keystr(path))
   assert block_out["none"] >= 0.0 > block_out["selu"]
 
@@ -210,15 +213,16 @@ def test_expand_norms_and_errors():
 
 def _rows(norm, seed, accs, losses, lr=0.1):
   return [dict(dataset="d", model="m", norm=norm, alpha=None, optimizer="sgd",
-               lr=lr, batch_size=8, seed=seed, step=10 * i, train_loss=l,
-               test_acc=a, wall_seconds=float(i))
-          for i, (a, l) in enumerate(zip(accs, losses))]
+               lr=lr, batch_size=8, seed=seed, step=10 * i, train_loss=loss,
+               test_acc=acc, wall_seconds=float(i))
+          for i, (acc, loss) in enumerate(zip(accs, losses, strict=True))]
 
 
 def test_steps_to_target_divergence_and_tables():
   a0 = _rows("bn", 0, [0.1, 0.5, 0.8, 0.9], [math.nan, 2.0, 1.0, 0.5])
   a1 = _rows("bn", 1, [0.1, 0.7, 0.85, 0.9], [math.nan, 2.0, 1.0, 0.4])
-  bad = _rows("none", 0, [0.1, 0.1, 0.1, 0.1], [math.nan, 2.0, math.nan, math.nan])
+  bad = _rows("none", 0, [0.1, 0.1, 0.1, 0.1],
+              [math.nan, 2.0, math.nan, math.nan])
   big = _rows("bn", 0, [0.1, 0.2, 0.2, 0.1], [math.nan, 2.2, 2.5, 3.0], lr=1.0)
   assert train.steps_to(a0, 0.8) == 20 and train.steps_to(a1, 0.8) == 20
   assert train.steps_to(a0, 0.95) is None
@@ -229,7 +233,8 @@ def test_steps_to_target_divergence_and_tables():
   assert "| bn | 10.00 ± 0.00 | 15 ± 7 | 2/2 | 0 |" in table
   assert "| none | 90.00 (1 seed) | — | 0/1 | 1 |" in table
   sweep = train.lr_sweep_table(runs, ("d", "m", "sgd"))
-  assert "| bn | 2 | 0.1 |" in sweep  # lr 1.0 diverged, 0.1 is the largest stable
+  # lr 1.0 diverged, 0.1 is the largest stable
+  assert "| bn | 2 | 0.1 |" in sweep
 
 
 def test_study_sweep_grid_groups_by_norm_and_lr():

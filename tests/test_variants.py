@@ -1,8 +1,8 @@
 """jit, no-jit and vmap agree; masks, including channels with no valid value.
 
-docs/SPEC.md §4: ``mask`` (broadcastable, True = counts) restricts the sample as in
-Flax, and a channel with no valid value gives finite output, never NaN --
-values, layer outputs and gradients.
+docs/SPEC.md §4: ``mask`` (broadcastable, True = counts) restricts the sample
+as in Flax, and a channel with no valid value gives finite output, never NaN
+-- values, layer outputs and gradients.
 """
 
 import functools

@@ -69,7 +69,7 @@ def test_linen_warm_and_cold_train_identically(deviation):
       variables = {**variables, "batch_stats": stats}
       trace.append((y, g, stats))
     results.append(trace)
-  for (y1, g1, s1), (y0, g0, s0) in zip(*results):
+  for (y1, g1, s1), (y0, g0, s0) in zip(*results, strict=True):
     np.testing.assert_array_equal(y1, y0)
     jax.tree.map(np.testing.assert_array_equal, g1, g0)
     jax.tree.map(np.testing.assert_array_equal, s1, s0)
@@ -85,8 +85,8 @@ def test_nnx_warm_and_cold_train_identically():
     for x in batches:
       ys.append((layer(x), layer.mean[...], layer.var[...]))
     outs.append(ys)
-  for a, b in zip(*outs):
-    for u, v in zip(a, b):
+  for a, b in zip(*outs, strict=True):
+    for u, v in zip(a, b, strict=True):
       np.testing.assert_array_equal(u, v)
 
 
