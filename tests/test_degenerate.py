@@ -112,7 +112,7 @@ def _layers(x, mask=None, statistics=ALL_STATS, deviations=DEVS):
              + [dict(statistic=st, deviation="std", **_params("std", st))
                 for st in statistics])
   res = many_statistics(x, configs, axes=0, mask=mask)
-  natural = dict(zip(deviations, res, strict=False))
+  natural = dict(zip(deviations, res[:len(deviations)], strict=True))
   by_stat = {st: r[0] for st, r in zip(statistics, res[len(deviations):],
                                         strict=True)}
   out = {}
